@@ -1,0 +1,63 @@
+# elemental: `make demo` and `make test` on a fresh machine. Both create .venv when needed and reuse
+# it while pyproject.toml is unchanged. Override PYTHON or VENV to use another interpreter or venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# llama.cpp comes from the llama-cpp-python sdist: its runtime, converter and gguf-py are one commit.
+LLAMA_CPP_PYTHON := 0.3.36
+CACHE ?= $(HOME)/.cache/elemental
+SDIST := $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+WHEELS := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)
+LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
+JOBS ?= $(shell nproc)
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/elemental demo
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Keep a torch that is already there (a GPU user's own CUDA build); else install the pair that
+# works on CPU here (transformers 5's SmolVLM processor needs torchvision).
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+$(SDIST):
+	mkdir -p $(dir $@)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+
+# Building llama.cpp takes ~10 minutes on 2 cores: the wheel is cached outside the checkout, so a
+# second `make test`, another clone or CI on the same machine reuse it.
+$(WHEELS)/.built: $(SDIST) | $(PY)
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(PY) -m pip wheel --no-deps -w $(WHEELS) $(SDIST)
+	touch $@
+
+# llama.cpp's own converter (convert_hf_to_gguf.py + conversion/ + gguf-py) from the same sdist.
+$(LLAMA_TOOLS)/.stamp: $(SDIST) | $(PY)
+	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)
+	tar -xzf $(SDIST) -C $(LLAMA_TOOLS) --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
+	echo "llama-cpp-python==$(LLAMA_CPP_PYTHON)" > $(LLAMA_TOOLS)/SOURCE
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch $(WHEELS)/.built $(LLAMA_TOOLS)/.stamp
+	$(PY) -m pip install -q $(LLAMA_TOOLS)/gguf-py
+	$(PY) -m pip install -q --find-links $(WHEELS) -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf runs .pytest_cache

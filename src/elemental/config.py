@@ -1,0 +1,170 @@
+"""The run config: one pydantic model for the whole pipeline, loaded from TOML, overridden by CLI flags.
+
+Every stage reads its section; `elemental run CONFIG.toml` runs them all. Unknown keys are errors
+(a typo in a config must not silently fall back to a default), and every error names the key and
+the file it came from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ElementalError
+
+REAL_BASE_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+DEFAULT_LABELS = ["water", "land", "fire", "wood", "metal"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """The closed label set and the wording of the prompts (rendered by `elemental.task.Task`)."""
+
+    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=2, max_length=50)
+    instruction: str = "Classify this image into one of these elements: {labels}."
+    explain_instruction: str = "Explain in one short sentence which element this image shows and why."
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_plain_words(cls, v: list[str]) -> list[str]:
+        for label in v:
+            if not label or label != label.strip() or any(c.isspace() for c in label):
+                raise ValueError(f"label {label!r} must be a non-empty word without spaces")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune and the image geometry used everywhere (DESIGN §3)."""
+
+    base_model: str = REAL_BASE_MODEL
+    # One 512-px image = 64 image tokens and one vision-encoder pass (HF default: 2048 + tiles).
+    image_longest_edge: int = Field(512, ge=32)
+
+
+class PrepareConfig(_Section):
+    sources: list[str] = Field(default_factory=list)
+    output_dir: Path = Path("dataset")
+    num_images: int = Field(1000, ge=1)
+    min_confidence: float = Field(0.7, ge=0.0, le=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 42
+
+
+class TrainConfig(_Section):
+    dataset_dir: Path = Path("dataset")
+    output_dir: Path = Path("models/smolvlm-element-classifier")
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    num_epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    bf16: bool = False
+    gradient_checkpointing: bool = True
+    reason_mode: Literal["multitask", "context", "none"] = "multitask"
+    rationale_ratio: float = Field(0.5, ge=0, le=1)
+    context_dropout: float = Field(0.5, ge=0, le=1)
+    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    wandb_project: str = "smolvlm-element-classification"
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+
+
+class ExportConfig(_Section):
+    model_path: Path | None = None  # default: <train.output_dir>/final
+    output_dir: Path = Path("models/gguf")
+    name: str = "SmolVLM2-500M-Element"
+    quant: list[Literal["Q8_0", "Q4_K_M", "F16"]] = Field(default_factory=lambda: ["Q8_0"])
+    mmproj_type: Literal["Q8_0", "F16"] = "Q8_0"
+
+
+class EvaluateConfig(_Section):
+    backends: list[Literal["hf", "gguf"]] = Field(default_factory=lambda: ["hf", "gguf"])
+    split: str = "val"
+    output_path: Path | None = None  # default: <train.output_dir>/validation_results[_gguf].json
+    plot_cm: bool = True
+    threads: int | None = None
+
+
+class RunConfig(_Section):
+    """Everything one run of the pipeline needs. `stages` lists what `elemental run` executes."""
+
+    stages: list[Literal["prepare", "train", "merge", "export", "evaluate"]] = Field(
+        default_factory=lambda: ["prepare", "train", "merge", "export", "evaluate"]
+    )
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> RunConfig:
+        order = ["prepare", "train", "merge", "export", "evaluate"]
+        if [s for s in order if s in self.stages] != self.stages:
+            raise ValueError(f"stages must keep the pipeline order {order}")
+        return self
+
+    def merged_model_dir(self) -> Path:
+        return self.export.model_path or self.train.output_dir / "final"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a RunConfig from TOML (or defaults when `path` is None) and apply dotted-key overrides.
+
+    `overrides` maps "section.key" to a value; None values are ignored so CLI flags the user did
+    not give leave the file's values alone.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ElementalError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ElementalError(f"{path}: invalid TOML ({e})") from None
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ElementalError(_format_validation_error(e, source)) from None
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy of `cfg` with "section.key" overrides applied and validated."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        data[section][key] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ElementalError(_format_validation_error(e, "command-line flags")) from None
