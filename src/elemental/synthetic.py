@@ -211,11 +211,10 @@ _LOOKS = {
 }
 
 
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    import colorsys
-
-    flat = [colorsys.hsv_to_rgb(float(a), float(b), float(c)) for a, b, c in zip(h.ravel(), s.ravel(), v.ravel())]
-    return (np.array(flat).reshape(*h.shape, 3) * 255).clip(0, 255).astype(np.uint8)
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> Image.Image:
+    """HSV planes in 0..1 to an RGB image, through Pillow's HSV mode."""
+    planes = [Image.fromarray((np.clip(c, 0, 1) * 255).astype(np.uint8), "L") for c in (h, s, v)]
+    return Image.merge("HSV", planes).convert("RGB")
 
 
 def synthetic_photo(label: str, rng: np.random.Generator, size: tuple[int, int] | None = None) -> Image.Image:
@@ -224,7 +223,8 @@ def synthetic_photo(label: str, rng: np.random.Generator, size: tuple[int, int] 
     if size is None:
         long_side = int(rng.integers(160, 900))
         aspect = float(rng.uniform(0.5, 2.0))
-        size = (long_side, max(48, int(long_side / aspect))) if aspect >= 1 else (max(48, int(long_side * aspect)), long_side)
+        short_side = max(48, int(long_side / aspect if aspect >= 1 else long_side * aspect))
+        size = (long_side, short_side) if aspect >= 1 else (short_side, long_side)
     w, h = size
     # Work on a small grid and upscale: cheap, and smooth like a photo.
     gw, gh = max(8, w // 8), max(8, h // 8)
@@ -248,7 +248,7 @@ def synthetic_photo(label: str, rng: np.random.Generator, size: tuple[int, int] 
     hh = (hue + 0.02 * pattern) % 1.0
     ss = np.clip(sat + 0.1 * pattern, 0, 1)
     vv = np.clip(val + 0.15 * pattern + rng.normal(0, 0.03, (gh, gw)), 0, 1)
-    img = Image.fromarray(_hsv_to_rgb(hh, ss, vv), "RGB").resize((w, h), Image.BILINEAR)
+    img = _hsv_to_rgb(hh, ss, vv).resize((w, h), Image.BILINEAR)
     return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 1.2))))
 
 
