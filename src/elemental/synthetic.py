@@ -167,8 +167,10 @@ def build_model(out_dir: Path, task: Task, spec: dict = TINY, seed: int = 0) -> 
     config = _model_config(spec, len(tokenizer), image_token_id, tokenizer.pad_token_id)
     model = SmolVLMForConditionalGeneration(config)
     if spec is TINY:
-        # Random init at std 0.02 leaves a 64-wide model's signals tiny; a wider init lets LoRA learn fast.
+        # At std 0.02 a 64-wide model's logits span about ±1, so no adapter can make it confident;
+        # wider output and connector weights give it the dynamic range of a trained model.
         with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.3)
             for p in model.model.connector.parameters():
                 p.normal_(0, 0.05)
     processor = _processor(tokenizer, spec)

@@ -1,0 +1,251 @@
+"""The `elemental` command: one subcommand per pipeline stage, plus `run` and `demo`.
+
+Thin on purpose: each command turns its flags into config overrides (the seed recipe's underscore
+spellings are accepted beside the dashed ones) and calls a function in `elemental.pipeline`.
+Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import RunConfig, load_config
+from .errors import ElementalError
+from .task import Task
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune SmolVLM2-500M into an image classifier and ship it to Android as llama.cpp GGUF files.\n\n"
+    "Stages: prepare -> train -> merge -> export -> evaluate. `elemental run CONFIG.toml` runs them all; "
+    "`elemental demo` runs everything offline on synthetic photos and a tiny model.",
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Run config (TOML); flags override it.")]
+
+
+def _opt(*names: str, help: str):  # noqa: A002 - mirrors typer's keyword
+    """An option under its dashed name and the seed recipe's underscore alias."""
+    return typer.Option(*names, help=help, show_default=False)
+
+
+def _load(config: Path | None, overrides: dict) -> tuple[RunConfig, Task]:
+    cfg = load_config(config, overrides)
+    return cfg, Task.from_config(cfg.task)
+
+
+@app.command()
+def prepare(
+    config: ConfigOpt = None,
+    source: Annotated[list[str] | None, _opt("--source", help="Photo source, repeatable: folder:PATH "
+                                             "(a folder per label).")] = None,
+    output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="Dataset folder to write.")] = None,
+    num_images: Annotated[int | None, _opt("--num-images", "--num_images", help="Cap on photos kept.")] = None,
+    min_confidence: Annotated[float | None, _opt("--min-confidence", "--min_confidence",
+                                                 help="Drop labels below this confidence (0..1).")] = None,
+    val_fraction: Annotated[float | None, _opt("--val-fraction", "--val_fraction", help="Share for val.")] = None,
+    seed: Annotated[int | None, _opt("--seed", help="Split seed.")] = None,
+) -> None:
+    """Collect and label photos into dataset/ (images/, train.json, val.json, metadata.json)."""
+    from .pipeline import stage_prepare
+
+    cfg, task = _load(config, {
+        "prepare.sources": source or None, "prepare.output_dir": output_dir, "prepare.num_images": num_images,
+        "prepare.min_confidence": min_confidence, "prepare.val_fraction": val_fraction, "prepare.seed": seed,
+    })
+    stage_prepare(cfg, task)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir", help="Dataset folder.")] = None,
+    output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="Run folder to write.")] = None,
+    base_model: Annotated[str | None, _opt("--base-model", "--base_model", help="HF id or folder.")] = None,
+    batch_size: Annotated[int | None, _opt("--batch-size", "--batch_size", help="Per-device batch.")] = None,
+    gradient_accumulation_steps: Annotated[int | None, _opt(
+        "--gradient-accumulation-steps", "--gradient_accumulation_steps", help="Steps per update.")] = None,
+    num_epochs: Annotated[float | None, _opt("--num-epochs", "--num_epochs", help="Epochs.")] = None,
+    max_steps: Annotated[int | None, _opt("--max-steps", "--max_steps", help="Stop after N steps.")] = None,
+    learning_rate: Annotated[float | None, _opt("--learning-rate", "--learning_rate", help="Peak LR.")] = None,
+    lora_r: Annotated[int | None, _opt("--lora-r", "--lora_r", help="LoRA rank.")] = None,
+    lora_alpha: Annotated[int | None, _opt("--lora-alpha", "--lora_alpha", help="LoRA alpha.")] = None,
+    lora_dropout: Annotated[float | None, _opt("--lora-dropout", "--lora_dropout", help="LoRA dropout.")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision (CUDA only).",
+                                              show_default=False)] = None,
+    reason_mode: Annotated[str | None, _opt("--reason-mode", "--reason_mode",
+                                            help="multitask | context | none (DESIGN §2).")] = None,
+    report_to: Annotated[str | None, _opt("--report-to", "--report_to", help="wandb | tensorboard | none.")] = None,
+    wandb_project: Annotated[str | None, _opt("--wandb-project", "--wandb_project", help="W&B project.")] = None,
+    seed: Annotated[int | None, _opt("--seed", help="Random seed.")] = None,
+) -> None:
+    """LoRA fine-tune on dataset/: writes lora_adapter/, logs/, checkpoints/ and metrics.json."""
+    from .pipeline import stage_train
+
+    cfg, task = _load(config, {
+        "train.dataset_dir": dataset_dir, "train.output_dir": output_dir, "model.base_model": base_model,
+        "train.batch_size": batch_size, "train.gradient_accumulation_steps": gradient_accumulation_steps,
+        "train.num_epochs": num_epochs, "train.max_steps": max_steps, "train.learning_rate": learning_rate,
+        "train.lora_r": lora_r, "train.lora_alpha": lora_alpha, "train.lora_dropout": lora_dropout,
+        "train.bf16": bf16, "train.reason_mode": reason_mode, "train.report_to": report_to,
+        "train.wandb_project": wandb_project, "train.seed": seed,
+    })
+    stage_train(cfg, task)
+
+
+@app.command()
+def merge(
+    config: ConfigOpt = None,
+    base_model: Annotated[str | None, _opt("--base-model", "--base_model", help="HF id or folder.")] = None,
+    lora_path: Annotated[Path | None, _opt("--lora-path", "--lora_path", help="LoRA adapter folder.")] = None,
+    output_path: Annotated[Path | None, _opt("--output-path", "--output_path", help="Merged model folder.")] = None,
+    dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir",
+                                             help="Val photos for the logits check.")] = None,
+) -> None:
+    """Fold the LoRA adapter into the base model and prove equality with a logits check."""
+    from .pipeline import stage_merge
+
+    cfg, task = _load(config, {"model.base_model": base_model, "export.model_path": output_path,
+                               "train.dataset_dir": dataset_dir})
+    if lora_path is not None:
+        from .pipeline import task_for_model
+
+        task = task_for_model(lora_path, task)
+    stage_merge(cfg, task, lora_path=lora_path)
+
+
+@app.command()
+def export(
+    config: ConfigOpt = None,
+    model_path: Annotated[Path | None, _opt("--model-path", "--model_path", help="Merged HF model folder.")] = None,
+    output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="GGUF folder to write.")] = None,
+    name: Annotated[str | None, _opt("--name", help="File stem, e.g. SmolVLM2-500M-Element.")] = None,
+    quant: Annotated[str | None, _opt("--quant", help="Comma list: Q8_0,Q4_K_M,F16.")] = None,
+    mmproj_type: Annotated[str | None, _opt("--mmproj-type", "--mmproj_type", help="Q8_0 or F16.")] = None,
+) -> None:
+    """Convert the merged model to llama.cpp GGUF (text model + mmproj) with a manifest for the app."""
+    from .pipeline import stage_export, task_for_model
+
+    cfg, task = _load(config, {
+        "export.model_path": model_path, "export.output_dir": output_dir, "export.name": name,
+        "export.quant": quant.split(",") if quant else None, "export.mmproj_type": mmproj_type,
+    })
+    stage_export(cfg, task_for_model(cfg.merged_model_dir(), task))
+
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="hf or gguf (default: from the files).")]
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    model_path: Annotated[Path | None, _opt("--model-path", "--model_path",
+                                            help="HF model folder, or GGUF folder / manifest.json.")] = None,
+    lora_path: Annotated[Path | None, _opt("--lora-path", "--lora_path", help="Adapter for an HF base.")] = None,
+    dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir", help="Dataset folder.")] = None,
+    split: Annotated[str, typer.Option("--split", help="val, train, or a JSON file.")] = "val",
+    output_path: Annotated[Path | None, _opt("--output-path", "--output_path", help="Results JSON.")] = None,
+    plot_cm: Annotated[bool, typer.Option("--plot-cm", "--plot_cm", help="Write confusion_matrix.png.")] = False,
+    backend: BackendOpt = None,
+    quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
+) -> None:
+    """Accuracy, per-class P/R/F1 and confusion matrix on a split, for an HF model or the GGUF files."""
+    from .pipeline import evaluate_model, is_gguf_path, open_classifier, task_for_model
+
+    cfg, task = _load(config, {"train.dataset_dir": dataset_dir})
+    path = model_path or cfg.merged_model_dir()
+    task = task_for_model(path, task)
+    clf = open_classifier(path, task, backend, lora_path, cfg.model.image_longest_edge, quant)
+    default = "validation_results_gguf.json" if (backend or ("gguf" if is_gguf_path(path) else "hf")) == "gguf" \
+        else "validation_results.json"
+    evaluate_model(clf, cfg.train.dataset_dir, split, task, output_path or Path(default), plot_cm)
+
+
+def _photo_paths(inputs: list[str]) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    if inputs == ["-"]:
+        inputs = [line.strip() for line in sys.stdin if line.strip()]
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in exts)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ElementalError(f"photo not found: {p}")
+    return out
+
+
+@app.command()
+def classify(
+    photos: Annotated[list[str], typer.Argument(help="Photos or folders; '-' reads paths from stdin.")],
+    model_path: Annotated[Path, typer.Option("--model-path", "--model_path",
+                                             help="HF model folder, or GGUF folder / manifest.json.")],
+    config: ConfigOpt = None,
+    lora_path: Annotated[Path | None, _opt("--lora-path", "--lora_path", help="Adapter for an HF base.")] = None,
+    backend: BackendOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "--top_k", help="Labels to list per photo.")] = 1,
+    quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
+) -> None:
+    """Classify photos: one JSON line per photo with the label, probabilities and milliseconds."""
+    from .images import open_image
+    from .pipeline import open_classifier, task_for_model
+
+    cfg, task = _load(config, {})
+    paths = _photo_paths(photos)
+    clf = open_classifier(model_path, task_for_model(model_path, task), backend, lora_path,
+                          cfg.model.image_longest_edge, quant)
+    for p in paths:
+        pred = clf.classify(open_image(p))
+        print(json.dumps({"path": str(p), "label": pred.label, "top_k": pred.top_k(top_k),
+                          "probabilities": pred.probabilities, "ms": round(pred.ms, 2)}), flush=True)
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/default.toml.")]) -> None:
+    """Run the config's stages in order (prepare, train, merge, export, evaluate)."""
+    from .pipeline import run as run_pipeline
+
+    cfg = load_config(config)
+    results = run_pipeline(cfg)
+    print(json.dumps({"seconds": results["seconds"]}))
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "--output_dir", help="Where the demo writes.")] = Path(
+        "runs/demo"),
+    per_class: Annotated[int, typer.Option("--per-class", help="Synthetic photos per label.")] = 60,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the model and the photos.")] = 0,
+) -> None:
+    """The whole pipeline offline: tiny SmolVLM + synthetic photos, HF and GGUF evaluated, summary printed."""
+    from .pipeline import demo as run_demo
+
+    summary = run_demo(output_dir, per_class=per_class, seed=seed)
+    print("\n== elemental demo summary ==")
+    print(f"HF accuracy (val):    {summary['hf_accuracy']:.3f}")
+    print(f"GGUF accuracy (val):  {summary['gguf_accuracy']:.3f}")
+    print(f"HF <-> GGUF agreement: {summary['agreement']:.3f}  on {summary['val_photos']} photos")
+    lat = summary["latency_ms"]
+    print(f"latency p50: HF {lat['hf']['p50']:.1f} ms, GGUF {lat['gguf']['p50']:.1f} ms")
+    print(f"time: {summary['seconds']}")
+    print(f"summary: {output_dir / 'summary.json'}")
+
+
+def main() -> None:
+    """Entry point: run the Typer app, turning ElementalError into one line on stderr and exit 2."""
+    logging.basicConfig(level=os.environ.get("ELEMENTAL_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()  # standalone: usage errors print and exit 2 as usual
+    except ElementalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

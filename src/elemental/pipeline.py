@@ -1,0 +1,249 @@
+"""The stages as functions of the run config, `run` (all stages in order) and `demo` (offline, end to end).
+
+The CLI only parses flags into a `RunConfig` and calls these; tests call them too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .classify.base import Classifier
+from .config import RunConfig
+from .errors import ElementalError
+from .fileio import write_json_atomic
+from .task import Task
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+
+def task_for_model(model_path: Path, fallback: Task) -> Task:
+    """The task an HF model was trained for (task.json, written by train and carried by merge), else `fallback`."""
+    p = Path(model_path) / "task.json"
+    if not p.is_file():
+        return fallback
+    data = json.loads(p.read_text())
+    return Task(tuple(data["labels"]), data["instruction"], data["explain_instruction"])
+
+
+def is_gguf_path(model_path: Path) -> bool:
+    p = Path(model_path)
+    return (p.is_file() and p.suffix == ".json") or (p.is_dir() and any(p.glob("*.gguf")))
+
+
+def open_classifier(
+    model_path: Path,
+    task: Task,
+    backend: str | None = None,
+    lora_path: Path | None = None,
+    longest_edge: int = 512,
+    quant: str = "Q8_0",
+    threads: int | None = None,
+) -> Classifier:
+    """An `hf` or `gguf` classifier for `model_path` (the backend is guessed from the files if not given)."""
+    backend = backend or ("gguf" if is_gguf_path(model_path) else "hf")
+    if backend == "gguf":
+        from .classify.gguf import GGUFClassifier
+
+        return GGUFClassifier(Path(model_path), quant=quant, n_threads=threads)
+    from .classify.hf import HFClassifier
+
+    return HFClassifier.from_path(model_path, task, lora_path=lora_path, longest_edge=longest_edge)
+
+
+# -- stages ----------------------------------------------------------------------------------------
+
+def stage_prepare(cfg: RunConfig, task: Task, say: Say = print) -> dict:
+    from .data.prepare import prepare_dataset
+
+    pc = cfg.prepare
+    if not pc.sources:
+        raise ElementalError("prepare needs at least one --source (e.g. folder:PATH)")
+    meta = prepare_dataset(
+        pc.sources, pc.output_dir, task, val_fraction=pc.val_fraction, seed=pc.seed,
+        min_confidence=pc.min_confidence, num_images=pc.num_images,
+    )
+    say(f"prepare: {pc.output_dir} train={meta['counts']['train']} val={meta['counts']['val']}")
+    return meta
+
+
+def stage_train(cfg: RunConfig, task: Task, say: Say = print) -> dict:
+    from .train.recipe import train
+
+    metrics = train(cfg, task)
+    say(
+        f"train: {cfg.train.output_dir} loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}, "
+        f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s)"
+    )
+    return metrics
+
+
+def check_photos(cfg: RunConfig, task: Task, n: int = 3) -> list:
+    """A few val photos for the merge logits check (synthetic ones when there is no dataset)."""
+    from .data.records import load_split
+    from .images import open_image
+
+    ds = Path(cfg.train.dataset_dir)
+    if (ds / "val.json").is_file():
+        recs = load_split(ds, "val", task)[:n]
+        return [open_image(ds / r.image_path) for r in recs]
+    import numpy as np
+
+    from .synthetic import synthetic_photo
+
+    rng = np.random.default_rng(0)
+    return [synthetic_photo(task.labels[i % len(task.labels)], rng) for i in range(n)]
+
+
+def stage_merge(cfg: RunConfig, task: Task, say: Say = print, lora_path: Path | None = None) -> dict:
+    from .export.merge import merge
+
+    lora = Path(lora_path or Path(cfg.train.output_dir) / "lora_adapter")
+    out = cfg.merged_model_dir()
+    manifest = merge(cfg.model.base_model, lora, out, task, check_photos(cfg, task))
+    say(f"merge: {out} (max |Δlogit| adapter vs merged: {manifest['logits_check']['max_abs_diff']:.2e})")
+    return manifest
+
+
+def stage_export(cfg: RunConfig, task: Task, say: Say = print) -> dict:
+    from .export.gguf import export_gguf
+
+    ec = cfg.export
+    manifest = export_gguf(
+        cfg.merged_model_dir(), ec.output_dir, task, name=ec.name, quants=ec.quant,
+        mmproj_type=ec.mmproj_type, source_run=str(cfg.train.output_dir),
+    )
+    sizes = ", ".join(f"{n} {f['size_bytes'] / 1e6:.1f} MB" for n, f in manifest["files"].items())
+    say(f"export: {ec.output_dir}: {sizes}")
+    return manifest
+
+
+def default_results_path(cfg: RunConfig, backend: str) -> Path:
+    base = cfg.evaluate.output_path or Path(cfg.train.output_dir) / "validation_results.json"
+    return base if backend == "hf" else base.with_name(f"{base.stem}_{backend}{base.suffix}")
+
+
+def evaluate_model(
+    classifier: Classifier, dataset_dir: Path, split: str, task: Task, output_path: Path, plot_cm: bool,
+    say: Say = print,
+) -> dict:
+    """Classify every photo of a split and write validation_results.json (+ plots, error gallery)."""
+    from tqdm import tqdm
+
+    from .data.records import load_split
+    from .evaluate import evaluate_predictions, write_results
+    from .images import open_image
+
+    unknown = set(classifier.labels) ^ set(task.labels)
+    if unknown:
+        raise ElementalError(f"model labels {list(classifier.labels)} differ from the task's {list(task.labels)}")
+    records = load_split(Path(dataset_dir), split, task)
+    preds = [
+        classifier.classify(open_image(Path(dataset_dir) / r.image_path))
+        for r in tqdm(records, desc=f"evaluate ({classifier.backend})", unit="photo", leave=False)
+    ]
+    results = evaluate_predictions(records, preds, classifier.labels, classifier.backend, classifier.model_files())
+    write_results(results, output_path, Path(dataset_dir), plot_cm=plot_cm)
+    say(
+        f"evaluate ({classifier.backend}): accuracy {results['accuracy']:.3f}, macro-F1 {results['macro_f1']:.3f}, "
+        f"p50 {results['latency_ms']['p50']:.1f} ms -> {output_path}"
+    )
+    return results
+
+
+def stage_evaluate(cfg: RunConfig, task: Task, say: Say = print) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for backend in cfg.evaluate.backends:
+        model = cfg.export.output_dir if backend == "gguf" else cfg.merged_model_dir()
+        clf = open_classifier(model, task, backend, longest_edge=cfg.model.image_longest_edge,
+                              threads=cfg.evaluate.threads)
+        out[backend] = evaluate_model(
+            clf, cfg.train.dataset_dir, cfg.evaluate.split, task, default_results_path(cfg, backend),
+            cfg.evaluate.plot_cm, say,
+        )
+    return out
+
+
+STAGES = {
+    "prepare": stage_prepare,
+    "train": stage_train,
+    "merge": stage_merge,
+    "export": stage_export,
+    "evaluate": stage_evaluate,
+}
+
+
+def run(cfg: RunConfig, say: Say = print) -> dict:
+    """Run the config's stages in order; returns each stage's result and its wall time."""
+    task = Task.from_config(cfg.task)
+    results: dict = {"stages": {}, "seconds": {}}
+    for name in cfg.stages:
+        t0 = time.time()
+        results["stages"][name] = STAGES[name](cfg, task, say)
+        results["seconds"][name] = round(time.time() - t0, 1)
+    return results
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+def demo_config(out_dir: Path) -> RunConfig:
+    """The offline demo's config (configs/demo.toml says the same for out_dir=runs/demo)."""
+    out_dir = Path(out_dir)
+    return RunConfig.model_validate({
+        "model": {"base_model": str(out_dir / "base_model")},
+        "prepare": {"sources": [f"folder:{out_dir / 'photos'}"], "output_dir": str(out_dir / "dataset"),
+                    "num_images": 1000, "min_confidence": 0.7, "val_fraction": 0.1, "seed": 42},
+        "train": {"dataset_dir": str(out_dir / "dataset"), "output_dir": str(out_dir / "run"),
+                  "batch_size": 8, "gradient_accumulation_steps": 1, "num_epochs": 4, "learning_rate": 2e-3,
+                  "warmup_ratio": 0.05, "report_to": "none", "gradient_checkpointing": False,
+                  "logging_steps": 5, "reason_mode": "multitask", "rationale_ratio": 0.3},
+        "export": {"output_dir": str(out_dir / "gguf"), "name": "SmolVLM2-Tiny-Element", "quant": ["Q8_0"],
+                   "mmproj_type": "Q8_0"},
+        "evaluate": {"backends": ["hf", "gguf"], "plot_cm": True},
+    })
+
+
+def demo(out_dir: Path, per_class: int = 60, seed: int = 0, cfg: RunConfig | None = None, say: Say = print) -> dict:
+    """Everything offline: tiny SmolVLM + synthetic photos -> prepare -> train -> merge -> export -> evaluate."""
+    from .evaluate import agreement
+    from .synthetic import build_tiny_model, write_synthetic_photos
+
+    out_dir = Path(out_dir)
+    cfg = cfg or demo_config(out_dir)
+    task = Task.from_config(cfg.task)
+    t0 = time.time()
+    build_tiny_model(Path(cfg.model.base_model), task, seed=seed)
+    photos = out_dir / "photos"
+    if not photos.is_dir():
+        write_synthetic_photos(photos, task.labels, per_class, seed=seed)
+    say(f"demo: tiny SmolVLM at {cfg.model.base_model}, {per_class} synthetic photos per class at {photos}")
+    results = run(cfg, say)
+    hf, gg = results["stages"]["evaluate"]["hf"], results["stages"]["evaluate"]["gguf"]
+    manifest = results["stages"]["export"]
+    summary = {
+        "hf_accuracy": hf["accuracy"],
+        "gguf_accuracy": gg["accuracy"],
+        "agreement": agreement(hf, gg),
+        "val_photos": hf["n"] if "n" in hf else len(hf["predictions"]),
+        "train_val_accuracy": results["stages"]["train"]["val_accuracy"],
+        "merge_max_abs_logit_diff": results["stages"]["merge"]["logits_check"]["max_abs_diff"],
+        "latency_ms": {"hf": hf["latency_ms"], "gguf": gg["latency_ms"]},
+        "gguf_files": {n: f["size_bytes"] for n, f in manifest["files"].items()},
+        "seconds": {**results["seconds"], "total": round(time.time() - t0, 1)},
+        "paths": {
+            "base_model": str(cfg.model.base_model),
+            "dataset": str(cfg.prepare.output_dir),
+            "run": str(cfg.train.output_dir),
+            "lora_adapter": str(Path(cfg.train.output_dir) / "lora_adapter"),
+            "final": str(cfg.merged_model_dir()),
+            "gguf": str(cfg.export.output_dir),
+            "hf_results": str(default_results_path(cfg, "hf")),
+            "gguf_results": str(default_results_path(cfg, "gguf")),
+        },
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary

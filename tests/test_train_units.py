@@ -1,0 +1,100 @@
+"""Training logic without a training run: examples per reason mode, loss masking, LoRA targets."""
+
+import re
+
+import numpy as np
+import torch
+
+from elemental.data.records import Record
+from elemental.synthetic import synthetic_photo
+from elemental.train.collate import IGNORE_INDEX, Collator, encode_example
+from elemental.train.examples import build_examples
+from elemental.train.recipe import LORA_TARGETS
+
+
+def _records(n=20):
+    labels = ["water", "land", "fire", "wood", "metal"]
+    return [
+        Record(image_id=f"{i}", image_path=f"images/{i}.jpg", element=labels[i % 5], reason=f"reason {i}",
+               confidence=0.9)
+        for i in range(n)
+    ]
+
+
+def test_multitask_adds_rationale_examples_with_the_explain_prompt(task):
+    ex = build_examples(_records(), task, "multitask", rationale_ratio=1.0)
+    labels = [e for e in ex if e.kind == "label"]
+    explains = [e for e in ex if e.kind == "explain"]
+    assert len(labels) == len(explains) == 20
+    assert all(e.prompt == task.prompt("label") for e in labels)
+    assert all(e.prompt == task.prompt("explain") and e.answer.startswith(" reason") for e in explains)
+
+
+def test_none_mode_is_label_examples_only_with_the_inference_prompt(task):
+    ex = build_examples(_records(), task, "none")
+    assert [e.kind for e in ex] == ["label"] * 20
+    assert {e.prompt for e in ex} == {task.prompt("label")}
+    assert ex[3].answer == " wood<end_of_utterance>"
+
+
+def test_context_mode_drops_context_at_the_given_rate(task):
+    ex = build_examples(_records(200), task, "context", context_dropout=0.25, seed=1)
+    share_bare = sum(e.kind == "label" for e in ex) / len(ex)
+    assert 0.15 < share_bare < 0.35
+    ctx = [e for e in ex if e.kind == "context"]
+    assert all("Context: reason" in e.prompt and e.answer.endswith("<end_of_utterance>") for e in ctx)
+
+
+def test_examples_are_deterministic_for_a_seed(task):
+    a = build_examples(_records(), task, "multitask", rationale_ratio=0.5, seed=7)
+    b = build_examples(_records(), task, "multitask", rationale_ratio=0.5, seed=7)
+    assert a == b
+
+
+def test_loss_mask_is_exactly_the_answer_tokens(task, tiny_processor):
+    img = synthetic_photo("fire", np.random.default_rng(0))
+    item = encode_example(tiny_processor, task.prompt("label"), img, task.label_answer("fire"))
+    tok = tiny_processor.tokenizer
+    supervised = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
+    assert supervised == tok.encode(" fire", add_special_tokens=False) + [tok.convert_tokens_to_ids("<end_of_utterance>")]
+    # The supervised tokens are the last ones; everything before (prompt + 64 image tokens) is masked.
+    n = len(supervised)
+    assert (item["labels"][:-n] == IGNORE_INDEX).all()
+    assert (item["input_ids"][-n:] == item["labels"][-n:]).all()
+    assert int((item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 64
+
+
+def test_collator_pads_right_and_masks_padding(task, tiny_processor, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i, label in enumerate(["water", "wood"]):
+        synthetic_photo(label, rng).save(tmp_path / f"images/{i}.jpg")
+    recs = [
+        Record(image_id="0", image_path="images/0.jpg", element="water", reason="a long reason " * 5, confidence=1),
+        Record(image_id="1", image_path="images/1.jpg", element="wood", reason="x", confidence=1),
+    ]
+    ex = build_examples(recs, task, "multitask", rationale_ratio=1.0)
+    batch = Collator(tiny_processor, tmp_path)(ex[:3])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["pixel_values"].shape[:2] == (3, 1)
+    pad = batch["attention_mask"] == 0
+    assert pad.any(), "examples of different lengths must be padded"
+    assert (batch["labels"][pad] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][pad] == tiny_processor.tokenizer.pad_token_id).all()
+    # Padding is on the right: every row is ones then zeros.
+    for row in batch["attention_mask"]:
+        k = int(row.sum())
+        assert torch.equal(row, torch.cat([torch.ones(k), torch.zeros(len(row) - k)]).long())
+
+
+def test_lora_targets_hit_text_and_connector_never_vision(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hit = [n for n in names if re.fullmatch(LORA_TARGETS, n)]
+    assert hit and not any("vision" in n for n in hit)
+    assert any("connector" in n for n in hit)
+    assert {n.rsplit(".", 1)[1] for n in hit if "text_model" in n} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any("vision" in n and n.endswith("q_proj") for n in names), "vision tower shares the names"
