@@ -56,7 +56,8 @@ def test_loss_mask_is_exactly_the_answer_tokens(task, tiny_processor):
     item = encode_example(tiny_processor, task.prompt("label"), img, task.label_answer("fire"))
     tok = tiny_processor.tokenizer
     supervised = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
-    assert supervised == tok.encode(" fire", add_special_tokens=False) + [tok.convert_tokens_to_ids("<end_of_utterance>")]
+    eou = tok.convert_tokens_to_ids("<end_of_utterance>")
+    assert supervised == tok.encode(" fire", add_special_tokens=False) + [eou]
     # The supervised tokens are the last ones; everything before (prompt + 64 image tokens) is masked.
     n = len(supervised)
     assert (item["labels"][:-n] == IGNORE_INDEX).all()

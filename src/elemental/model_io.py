@@ -49,7 +49,11 @@ def load_processor(path: str | Path, longest_edge: int | None = None):
     """AutoProcessor for a SmolVLM, with our geometry applied when `longest_edge` is given."""
     from transformers import AutoProcessor
 
-    check_smolvlm_dir(path)
+    p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        raise ElementalError(f"{p} has no processor (processor_config.json / preprocessor_config.json)")
+    if not p.is_dir():
+        check_smolvlm_dir(path)
     processor = AutoProcessor.from_pretrained(str(path))
     if longest_edge is not None:
         apply_geometry(processor, longest_edge)

@@ -67,7 +67,8 @@ def stage_prepare(cfg: RunConfig, task: Task, say: Say = print) -> dict:
         pc.sources, pc.output_dir, task, val_fraction=pc.val_fraction, seed=pc.seed,
         min_confidence=pc.min_confidence, num_images=pc.num_images,
     )
-    say(f"prepare: {pc.output_dir} train={meta['counts']['train']} val={meta['counts']['val']}")
+    n_train, n_val = (sum(meta["counts"][s].values()) for s in ("train", "val"))
+    say(f"prepare: {pc.output_dir}: {n_train} train / {n_val} val photos, per class {meta['counts']['train']}")
     return meta
 
 

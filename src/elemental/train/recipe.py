@@ -127,7 +127,6 @@ def train(cfg: RunConfig, task: Task) -> dict:
         warmup_steps=tc.warmup_ratio,
         weight_decay=tc.weight_decay,
         lr_scheduler_type="cosine",
-        logging_dir=str(logs_dir),
         logging_steps=tc.logging_steps,
         save_strategy="epoch",
         save_total_limit=1,
