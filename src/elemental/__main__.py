@@ -1,0 +1,5 @@
+"""`python -m elemental` is the `elemental` command."""
+
+from .cli import main
+
+main()
