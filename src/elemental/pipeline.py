@@ -229,7 +229,7 @@ def demo(out_dir: Path, per_class: int = 60, seed: int = 0, cfg: RunConfig | Non
         "hf_accuracy": hf["accuracy"],
         "gguf_accuracy": gg["accuracy"],
         "agreement": agreement(hf, gg),
-        "val_photos": hf["n"] if "n" in hf else len(hf["predictions"]),
+        "val_photos": hf["n"],
         "train_val_accuracy": results["stages"]["train"]["val_accuracy"],
         "merge_max_abs_logit_diff": results["stages"]["merge"]["logits_check"]["max_abs_diff"],
         "latency_ms": {"hf": hf["latency_ms"], "gguf": gg["latency_ms"]},
