@@ -1,0 +1,343 @@
+"""The `gguf` backend: the exported GGUF files scored through llama.cpp (llama-cpp-python + libmtmd).
+
+Same contract as the `hf` backend (DESIGN §4): one pass over the label prompt and the photo, then the
+labels' log-probabilities are read; nothing is generated.
+
+The token layout is HF's single-image layout, not libmtmd's (DESIGN §3). libmtmd has no no-split mode
+for idefics3/SmolVLM: a 512-px photo becomes a 1x1 grid, i.e. a slice chunk *and* an overview chunk.
+We let libmtmd preprocess the photo, but evaluate only its overview ("global") image chunk, between
+our own text tokens that the export manifest spells out:
+
+    prompt_prefix  = "<|im_start|>User: {instruction}<fake_token_around_image><global-img>"
+    64 overview image embeddings
+    prompt_suffix  = "<fake_token_around_image><end_of_utterance>\\nAssistant:"
+
+The prefix is the same for every photo, so its KV cache is computed once; per photo everything after
+it is dropped, and only the image and the few suffix tokens are evaluated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp import mtmd_cpp
+from PIL import Image
+
+from ..errors import ElementalError
+from ..fileio import read_json, sha256_file
+from .base import Prediction, prediction_from_scores
+
+MANIFEST = "manifest.json"
+_SEQ = 0  # the one sequence this backend uses
+
+# -- llama.cpp process-wide setup -------------------------------------------------------------------
+
+_GGML_LOG_WARN = 2
+_GGML_LOG_ERROR = 3
+_log_lines: deque[str] = deque(maxlen=16)
+
+
+@llama_cpp.llama_log_callback
+def _keep_warnings(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs a lot to stderr; keep only its recent warnings/errors, to quote in our errors."""
+    if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR) and text:
+        _log_lines.append(text.decode("utf-8", "replace").strip())
+
+
+_backend_ready = False
+
+
+def quiet_llama() -> None:
+    """Initialise llama.cpp once and route its logging (and libmtmd's) to `_keep_warnings`.
+
+    The callback is a module global, so ctypes keeps it alive for as long as C may call it.
+    """
+    global _backend_ready
+    llama_cpp.llama_log_set(_keep_warnings, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_keep_warnings, ctypes.c_void_p(0))
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def llama_said() -> str:
+    """The last warning or error llama.cpp logged (for one-line errors), or "" when it said nothing."""
+    return f": {_log_lines[-1]}" if _log_lines else ""
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of the llama.cpp runtime and of the gguf package, for manifests and result files."""
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "not installed"
+    try:
+        commit_fn = llama_cpp.llama_cpp._lib.ggml_commit
+        commit_fn.restype = ctypes.c_char_p
+        commit = commit_fn().decode()
+    except AttributeError:
+        commit = "unknown"
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_cpp": f"the tree vendored by llama-cpp-python {llama_cpp.__version__}",
+        "ggml_build_commit": commit,  # as the runtime library reports it (ggml_commit())
+        "gguf": gguf_version,
+    }
+
+
+def tokenize(vocab, text: str) -> list[int]:
+    """Tokens of `text` as llama.cpp makes them: special tokens parsed, no BOS added (the text has it)."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 16
+    buf = (llama_cpp.llama_token * n_max)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, False, True)
+    if n < 0:
+        raise ElementalError(f"llama.cpp could not tokenize {text[:40]!r} ({-n} tokens > {n_max})")
+    return list(buf[:n])
+
+
+@contextmanager
+def gguf_vocab(path: Path) -> Iterator[object]:
+    """A text GGUF's vocabulary alone (no weights), for checking how llama.cpp tokenizes the prompt."""
+    quiet_llama()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ElementalError(f"llama.cpp could not load the vocabulary of {path}{llama_said()}")
+    try:
+        yield llama_cpp.llama_model_get_vocab(model)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+# -- the backend -----------------------------------------------------------------------------------
+
+
+def load_manifest(gguf_dir_or_manifest: Path) -> tuple[Path, dict]:
+    """(folder, manifest) for an export folder or its manifest.json, with a one-line error if absent."""
+    path = Path(gguf_dir_or_manifest)
+    folder = path.parent if path.name == MANIFEST else path
+    if not folder.is_dir():
+        raise ElementalError(f"GGUF folder not found: {folder}")
+    if not (folder / MANIFEST).is_file():
+        raise ElementalError(f"{folder} has no {MANIFEST}: not a folder written by `elemental export`")
+    return folder, read_json(folder / MANIFEST, "GGUF manifest")
+
+
+def _pick_file(folder: Path, manifest: dict, role: str, quant: str | None = None) -> Path:
+    """The exported file of `role` (and `quant`), checked to be there and the size the manifest says."""
+    found = [(name, f) for name, f in manifest.get("files", {}).items()
+             if f.get("role") == role and (quant is None or f.get("quant") == quant)]
+    if not found:
+        have = sorted(f.get("quant") for f in manifest.get("files", {}).values() if f.get("role") == role)
+        raise ElementalError(f"{folder / MANIFEST} lists no {role} GGUF of type {quant}; it has {have}")
+    name, info = found[0]
+    path = folder / name
+    if not path.is_file():
+        raise ElementalError(f"GGUF file missing: {path} (listed in {folder / MANIFEST})")
+    if path.stat().st_size != info.get("size_bytes"):
+        raise ElementalError(
+            f"{path} is {path.stat().st_size} bytes, the manifest says {info.get('size_bytes')}")
+    return path
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = float(logits.max())
+    return logits - (top + math.log(float(np.exp(logits - top).sum())))
+
+
+class GGUFClassifier:
+    """Score the labels of an exported GGUF folder through llama.cpp, with HF's single-image layout."""
+
+    backend = "gguf"
+
+    def __init__(self, gguf_dir_or_manifest: Path, quant: str = "Q8_0", n_threads: int | None = None):
+        self.folder, self.manifest = load_manifest(gguf_dir_or_manifest)
+        m = self.manifest
+        self.labels = tuple(m["labels"])
+        self.label_ids: list[list[int]] = [list(ids) for ids in m["label_token_ids"]]
+        self.first_token = bool(m["first_token_scoring"])
+        self.n_image_tokens = int(m["image"]["n_image_tokens"])
+        self.text_path = _pick_file(self.folder, m, "text", quant)
+        self.mmproj_path = _pick_file(self.folder, m, "mmproj")
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._files: dict[str, str] | None = None
+        quiet_llama()
+        self._open()
+        self.prefix_ids = self._checked_tokens("prompt_prefix")
+        self.suffix_ids = self._checked_tokens("prompt_suffix")
+        self._overview_start = tokenize(self._vocab, m["image"]["overview_start_token"])
+        self._decode(self.prefix_ids)  # the photo-independent KV cache, computed once
+        self.n_prefix = len(self.prefix_ids)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Load the text model, a small context and the projector; freed when this object goes away."""
+        model = llama_cpp.llama_model_load_from_file(
+            str(self.text_path).encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise ElementalError(f"llama.cpp could not load {self.text_path}{llama_said()}")
+        longest_label = max(len(ids) for ids in self.label_ids)
+        m = self.manifest
+        prompt_len = len(m["prompt_prefix_token_ids"]) + len(m["prompt_suffix_token_ids"])
+        n_ctx = max(512, prompt_len + self.n_image_tokens + longest_label + 16)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_ctx  # a prompt or an image is always decoded in one batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        mparams = mtmd_cpp.mtmd_context_params_default()
+        mparams.n_threads = self.n_threads
+        mparams.print_timings = False
+        mctx = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_path).encode(), model, mparams) if ctx else None
+        self._finalizer = weakref.finalize(self, _free, model, ctx, mctx)
+        if not ctx or not mctx:
+            what = self.text_path if not ctx else self.mmproj_path
+            raise ElementalError(f"llama.cpp could not start a context for {what}{llama_said()}")
+        self._ctx, self._mctx, self.n_batch = ctx, mctx, n_ctx
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+    def _checked_tokens(self, key: str) -> list[int]:
+        """Tokenize a manifest prompt part with this runtime; it must give the ids the export recorded."""
+        ids = tokenize(self._vocab, self.manifest[key])
+        if ids != list(self.manifest[f"{key}_token_ids"]):
+            raise ElementalError(
+                f"{self.text_path.name}: llama.cpp tokenizes {key} as {ids}, the manifest says "
+                f"{self.manifest[f'{key}_token_ids']} (files from another export?)")
+        return ids
+
+    def close(self) -> None:
+        """Free the llama.cpp model, context and projector now (else when garbage-collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> GGUFClassifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def model_files(self) -> dict[str, str]:
+        if self._files is None:
+            self._files = {str(p): sha256_file(p) for p in (self.text_path, self.mmproj_path)}
+        return dict(self._files)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _decode(self, tokens: list[int]) -> None:
+        """Append `tokens` to the sequence; logits are kept for the last one only."""
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)  # referenced until llama_decode returns
+        rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(tokens)))
+        if rc != 0:
+            raise ElementalError(f"llama.cpp failed to decode {len(tokens)} tokens (code {rc}){llama_said()}")
+
+    def _last_logprobs(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return _log_softmax(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64))
+
+    def _truncate(self, n_past: int) -> None:
+        """Forget every position from `n_past` on, keeping the KV cache before it."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, _SEQ, n_past, -1):
+            raise ElementalError("llama.cpp could not roll back its KV cache")
+
+    def _eval_overview(self, image: Image.Image, n_past: int) -> int:
+        """Preprocess `image` with libmtmd and evaluate only its overview chunk at `n_past`."""
+        rgb = image.convert("RGB")
+        data = rgb.tobytes()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        try:
+            marker = mtmd_cpp.mtmd_default_marker()  # the text is the marker alone: we bring our own tokens
+            text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
+            bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = mtmd_cpp.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise ElementalError(
+                    f"libmtmd could not preprocess a {rgb.size} image (code {rc}){llama_said()}")
+            chunk = self._overview_chunk(chunks)
+            new_n_past = llama_cpp.llama_pos(n_past)  # the helper adds to it for text chunks: start at n_past
+            rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
+                self._mctx, self._ctx, chunk, n_past, _SEQ, self.n_batch, False, ctypes.byref(new_n_past))
+            if rc != 0:
+                raise ElementalError(f"libmtmd failed to evaluate the image (code {rc}){llama_said()}")
+            return new_n_past.value
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def _overview_chunk(self, chunks) -> int:
+        """The image chunk right after the overview's opening tokens (`<global-img>`), not the slice."""
+        previous_text: list[int] = []
+        for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            kind = mtmd_cpp.mtmd_input_chunk_get_type(chunk)
+            if kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                previous_text = [ptr[j] for j in range(n.value)]
+                continue
+            opens_overview = previous_text[-len(self._overview_start):] == self._overview_start
+            if kind == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE and opens_overview:
+                n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                if n_tokens != self.n_image_tokens:
+                    raise ElementalError(f"{self.mmproj_path.name}: overview image is {n_tokens} tokens, "
+                                         f"the manifest says {self.n_image_tokens}")
+                return chunk
+            previous_text = []
+        raise ElementalError(
+            f"{self.mmproj_path.name}: libmtmd gave no overview image chunk (not a SmolVLM mmproj?)")
+
+    def label_logprobs(self, image: Image.Image) -> list[float]:
+        """Log-probability of each label as the answer to the label prompt for `image`."""
+        self._truncate(self.n_prefix)
+        self._eval_overview(image, self.n_prefix)
+        self._decode(self.suffix_ids)
+        logp = self._last_logprobs()
+        if self.first_token:
+            return [float(logp[ids[0]]) for ids in self.label_ids]
+        return self._continuation_logprobs(logp)
+
+    def _continuation_logprobs(self, first: np.ndarray) -> list[float]:
+        """Sum of each label's token log-probs: evaluate its tokens one by one, then roll back."""
+        n_prompt = llama_cpp.llama_memory_seq_pos_max(self._mem, _SEQ) + 1
+        scores = []
+        for ids in self.label_ids:
+            total, logp = 0.0, first
+            for i, tok in enumerate(ids):
+                total += float(logp[tok])
+                if i + 1 < len(ids):
+                    self._decode([tok])
+                    logp = self._last_logprobs()
+            self._truncate(n_prompt)
+            scores.append(total)
+        return scores
+
+    def classify(self, image: Image.Image) -> Prediction:
+        t0 = time.perf_counter()
+        scores = self.label_logprobs(image)
+        return prediction_from_scores(self.labels, scores, (time.perf_counter() - t0) * 1000)
+
+
+def _free(model, ctx, mctx) -> None:
+    """Release what `_open` allocated, in reverse order (a finalizer: must not touch the classifier)."""
+    if mctx:
+        mtmd_cpp.mtmd_free(mctx)
+    if ctx:
+        llama_cpp.llama_free(ctx)
+    if model:
+        llama_cpp.llama_model_free(model)

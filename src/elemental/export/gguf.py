@@ -1,0 +1,188 @@
+"""`elemental export`: a merged SmolVLM folder -> llama.cpp GGUF files plus the manifest that says how to ask.
+
+The folder holds `{name}-{Q}.gguf` (text model, one per type), `mmproj-{name}-{T}.gguf` (vision encoder
++ connector) and `manifest.json`. The manifest is the contract for every llama.cpp client (our `gguf`
+backend, the Android app): the exact text before and after the image with its token ids, which image
+chunk to evaluate, the label token ids and how to score them, the geometry, a grammar for clients that
+can only generate, and the sha256 of every file. Export checks that llama.cpp tokenizes the prompt and
+the labels exactly as HF does, so a wrong tokenizer conversion fails here, not silently on the phone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..classify.gguf import MANIFEST, gguf_vocab, runtime_versions, tokenize
+from ..errors import ElementalError
+from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from ..model_io import check_smolvlm_dir, load_processor
+from ..task import END_OF_UTTERANCE, IMAGE_TOKEN, Task
+from .convert import (
+    MMPROJ_TYPES,
+    TEXT_TYPES,
+    convert_mmproj,
+    convert_text,
+    converter_source,
+    tokenizer_pre_override,
+)
+
+DEFAULT_NAME = "SmolVLM2-500M-Element"
+FORMAT = "elemental-gguf/1"
+
+
+def export_gguf(
+    model_dir: Path,
+    out_dir: Path,
+    task: Task,
+    name: str = DEFAULT_NAME,
+    quants: Sequence[str] = ("Q8_0",),
+    mmproj_type: str = "Q8_0",
+    source_run: str | None = None,
+) -> dict:
+    """Convert `model_dir` into `out_dir` (replaced atomically) and return the manifest written there."""
+    model_dir = Path(model_dir)
+    quants = _check_request(model_dir, name, quants, mmproj_type)
+    processor = load_processor(model_dir)  # the merged folder carries the one-tile geometry; don't override
+    image = image_geometry(model_dir, processor)
+    prefix, suffix = prompt_around_image(task, processor)
+    label_ids = task.label_token_ids(processor.tokenizer)
+    first_token = task.first_tokens_unique(processor.tokenizer)
+    with atomic_dir(Path(out_dir)) as tmp:
+        text = convert_text(model_dir, {q: tmp / f"{name}-{q}.gguf" for q in quants})
+        mmproj = convert_mmproj(model_dir, tmp / f"mmproj-{name}-{mmproj_type}.gguf", mmproj_type)
+        expected = {"prompt_prefix": prefix, "prompt_suffix": suffix,
+                    **{f"label {lab!r}": f" {lab}" for lab in task.labels}}
+        ids = _same_tokens_as_hf(text[quants[0]], processor.tokenizer, expected)
+        files = {p.name: _file_entry(p, "text", q) for q, p in text.items()}
+        files[mmproj.name] = _file_entry(mmproj, "mmproj", mmproj_type)
+        manifest = {
+            "format": FORMAT,
+            "name": name,
+            "labels": list(task.labels),
+            "prompt": task.prompt("label"),
+            "image_marker": IMAGE_TOKEN,
+            "image_marker_offset": task.prompt("label").index(IMAGE_TOKEN),
+            "prompt_prefix": prefix,
+            "prompt_suffix": suffix,
+            "prompt_prefix_token_ids": ids["prompt_prefix"],
+            "prompt_suffix_token_ids": ids["prompt_suffix"],
+            "tokenize": {"add_special": False, "parse_special": True},
+            "image": image,
+            "label_token_ids": label_ids,
+            "first_token_scoring": first_token,
+            "scoring": _scoring(first_token),
+            "sampling": {"greedy": True, "temperature": 0.0, "top_k": 1,
+                         "n_predict": max(len(t) for t in label_ids), "stop": [END_OF_UTTERANCE]},
+            "grammar": label_grammar(task.labels),
+            "files": files,
+            "base_model": base_model_of(model_dir),
+            "model_dir": str(model_dir.resolve()),
+            "source_run": source_run,
+            "converter": {"source": converter_source(),
+                          "tokenizer_pre_override": tokenizer_pre_override(model_dir)},
+            "versions": runtime_versions(),
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _check_request(model_dir: Path, name: str, quants: Sequence[str], mmproj_type: str) -> list[str]:
+    """Fail early, before any conversion, on a bad folder, name or type list."""
+    if not model_dir.is_dir():
+        raise ElementalError(f"model folder not found: {model_dir}")
+    check_smolvlm_dir(model_dir)
+    if not name or Path(name).name != name:
+        raise ElementalError(f"export name {name!r} must be a plain file-name stem")
+    quants = list(dict.fromkeys(quants))
+    bad = [q for q in quants if q not in TEXT_TYPES]
+    if not quants or bad:
+        raise ElementalError(f"text GGUF types {bad or '(none)'} invalid; choose from {list(TEXT_TYPES)}")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise ElementalError(f"mmproj type {mmproj_type!r} invalid; choose from {list(MMPROJ_TYPES)}")
+    return quants
+
+
+def image_geometry(model_dir: Path, processor) -> dict:
+    """The one-tile geometry the processor carries; anything llama.cpp's overview can't reproduce is refused.
+
+    libmtmd resizes the overview to the vision encoder's tile size, so HF must feed exactly one image of
+    that size: no splitting, and longest edge == max image size == the encoder's image size.
+    """
+    ip = processor.image_processor
+    vision = json.loads((model_dir / "config.json").read_text()).get("vision_config", {})
+    tile = int(vision.get("image_size", 512))
+    longest = (ip.size or {}).get("longest_edge")
+    max_edge = (ip.max_image_size or {}).get("longest_edge")
+    if ip.do_image_splitting or longest != tile or max_edge != tile:
+        raise ElementalError(
+            f"{model_dir}: processor geometry (longest_edge={longest}, max_image_size={max_edge}, "
+            f"do_image_splitting={ip.do_image_splitting}) is not one {tile}-px image; save the processor "
+            f"after model_io.apply_geometry(processor, {tile}) (merge does)")
+    return {
+        "longest_edge": longest,
+        "tile_size": tile,
+        "image_seq_len": processor.image_seq_len,
+        "n_image_tokens": processor.image_seq_len,
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+        "do_image_splitting": False,
+        "evaluate_chunk": "overview",
+        "overview_start_token": processor.global_image_token,
+        "note": ("libmtmd tokenizes a photo as a 1x1 grid: a slice chunk and an overview chunk. Evaluate "
+                 "only the overview (global) image chunk, between prompt_prefix and prompt_suffix; that is "
+                 "HF's single-image layout."),
+    }
+
+
+def prompt_around_image(task: Task, processor) -> tuple[str, str]:
+    """The text evaluated before and after the image embeddings, in HF's single-image layout."""
+    before, after = task.prompt_parts()
+    fake = processor.fake_image_token
+    return before + fake + processor.global_image_token, fake + after
+
+
+def _same_tokens_as_hf(text_gguf: Path, hf_tokenizer, texts: dict[str, str]) -> dict[str, list[int]]:
+    """llama.cpp's token ids of each text; they must equal HF's, else the GGUF would be asked differently."""
+    out = {}
+    with gguf_vocab(text_gguf) as vocab:
+        for what, text in texts.items():
+            ours = tokenize(vocab, text)
+            hf = list(hf_tokenizer.encode(text, add_special_tokens=False))
+            if ours != hf:
+                raise ElementalError(
+                    f"{text_gguf.name}: llama.cpp tokenizes the {what} as {ours}, HF as {hf}")
+            out[what] = ours
+    return out
+
+
+def _file_entry(path: Path, role: str, quant: str) -> dict:
+    return {"sha256": sha256_file(path), "size_bytes": path.stat().st_size, "role": role, "quant": quant}
+
+
+def _scoring(first_token: bool) -> dict:
+    if first_token:
+        method = "log_softmax of the logits after prompt_suffix, at each label's first token id"
+    else:
+        method = "sum of the log-probs of each label's token ids, evaluated after prompt_suffix"
+    return {"method": method, "probabilities": "softmax of the label scores over the labels"}
+
+
+def label_grammar(labels: Sequence[str]) -> str:
+    """A GBNF grammar that admits exactly one label, as the model writes it (leading space)."""
+    def literal(label: str) -> str:
+        return '"' + f" {label}".replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return "root ::= " + " | ".join(literal(lab) for lab in labels)
+
+
+def base_model_of(model_dir: Path) -> str:
+    """What the model was fine-tuned from: the merge manifest's base model, else HF's `_name_or_path`."""
+    merge_manifest = model_dir / "manifest.json"
+    if merge_manifest.is_file():
+        recorded = read_json(merge_manifest, "model manifest").get("base_model")
+        if recorded:
+            return str(recorded)
+    config = json.loads((model_dir / "config.json").read_text())
+    return str(config.get("_name_or_path") or model_dir)

@@ -1,0 +1,138 @@
+"""End to end through the real CLI: `elemental demo` on the tiny model, then the stages on its outputs.
+
+The demo must *learn*: val accuracy well above chance (0.2 for five labels) for the HF model and for
+the GGUF files through llama.cpp, and the two must agree on nearly every photo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def elemental(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "elemental", *args], cwd=cwd, env=env, input=stdin,
+        capture_output=True, text=True, timeout=1500,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("demo")
+    res = elemental("demo", "--output_dir", "out", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "HF <-> GGUF agreement" in res.stdout
+    return work / "out"
+
+
+def test_demo_learns_and_ships_what_it_learned(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert summary["hf_accuracy"] >= 0.9
+    assert summary["gguf_accuracy"] >= 0.9
+    assert summary["agreement"] >= 0.95
+    assert summary["merge_max_abs_logit_diff"] < 1e-3
+    for key in ("base_model", "dataset", "run", "lora_adapter", "final", "gguf"):
+        assert Path(summary["paths"][key]).exists(), key
+
+
+def test_demo_layout_is_the_seeds(demo_dir):
+    for rel in ("base_model/config.json", "dataset/train.json", "dataset/val.json", "dataset/metadata.json",
+                "run/lora_adapter/adapter_config.json", "run/final/model.safetensors", "run/metrics.json",
+                "run/logs", "gguf/manifest.json", "gguf/SmolVLM2-Tiny-Element-Q8_0.gguf",
+                "gguf/mmproj-SmolVLM2-Tiny-Element-Q8_0.gguf"):
+        assert (demo_dir / rel).exists(), rel
+    results = json.loads((demo_dir / "run/validation_results.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "predictions", "backend", "latency_ms"):
+        assert key in results
+    assert results["backend"] == "hf"
+    assert json.loads((demo_dir / "run/validation_results_gguf.json").read_text())["backend"] == "gguf"
+
+
+def test_training_prompt_is_the_shipped_prompt(demo_dir):
+    from elemental.config import TaskConfig
+    from elemental.task import Task
+
+    manifest = json.loads((demo_dir / "gguf/manifest.json").read_text())
+    assert manifest["prompt"] == Task.from_config(TaskConfig()).prompt("label")
+
+
+def test_classify_hf_and_gguf_agree_on_a_photo(demo_dir):
+    val = json.loads((demo_dir / "dataset/val.json").read_text())
+    photo = str(demo_dir / "dataset" / val[0]["image_path"])
+    out = {}
+    for model in ("run/final", "gguf"):
+        res = elemental("classify", "--model_path", str(demo_dir / model), "--top_k", "2", photo, cwd=demo_dir)
+        assert res.returncode == 0, res.stderr[-2000:]
+        line = json.loads(res.stdout.strip().splitlines()[-1])
+        assert abs(sum(line["probabilities"].values()) - 1) < 1e-4 and len(line["top_k"]) == 2
+        out[model] = line["label"]
+    assert out["run/final"] == out["gguf"] == val[0]["element"]
+
+
+def test_evaluate_cli_on_gguf_writes_results(demo_dir, tmp_path):
+    res = elemental("evaluate", "--model_path", str(demo_dir / "gguf"), "--dataset_dir", str(demo_dir / "dataset"),
+                    "--output_path", str(tmp_path / "r.json"), "--plot_cm", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["backend"] == "gguf" and r["accuracy"] >= 0.9
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- bad input: one line naming the thing, exit code 2, nothing half-written ------------------------
+
+def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_prepare_with_unknown_label_folder(tmp_path):
+    (tmp_path / "photos" / "lava").mkdir(parents=True)
+    res = elemental("prepare", "--source", "folder:photos", "--output_dir", "ds", cwd=tmp_path)
+    _one_line_error(res, "lava")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_prepare_with_missing_folder(tmp_path):
+    _one_line_error(elemental("prepare", "--source", "folder:nope", "--output_dir", "ds", cwd=tmp_path), "nope")
+
+
+def test_train_on_dataset_without_train_json(tmp_path, tiny_model_dir):
+    (tmp_path / "ds").mkdir()
+    res = elemental("train", "--dataset_dir", "ds", "--base_model", str(tiny_model_dir), "--output_dir", "run",
+                    cwd=tmp_path)
+    _one_line_error(res, "train.json")
+    assert not (tmp_path / "run" / "lora_adapter").exists()
+
+
+def test_model_dir_that_is_not_a_smolvlm(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "bert"}')
+    res = elemental("export", "--model_path", "m", "--output_dir", "g", cwd=tmp_path)
+    _one_line_error(res, "not a SmolVLM")
+    assert not (tmp_path / "g").exists()
+
+
+def test_gguf_folder_without_manifest(tmp_path):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "x.gguf").write_bytes(b"GGUF")
+    (tmp_path / "p.png").write_bytes(b"")
+    res = elemental("classify", "--model_path", "g", "p.png", cwd=tmp_path)
+    _one_line_error(res, "manifest")
+
+
+def test_unreadable_image_in_classify(tmp_path, demo_dir):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    res = elemental("classify", "--model_path", str(demo_dir / "gguf"), "broken.jpg", cwd=tmp_path)
+    _one_line_error(res, "broken.jpg")
