@@ -41,7 +41,7 @@ def test_demo_learns_and_ships_what_it_learned(demo_dir):
     assert summary["agreement"] >= 0.95
     assert summary["merge_max_abs_logit_diff"] < 1e-3
     for key in ("base_model", "dataset", "run", "lora_adapter", "final", "gguf"):
-        assert Path(summary["paths"][key]).exists(), key
+        assert (demo_dir.parent / summary["paths"][key]).exists(), key  # relative to where demo ran
 
 
 def test_demo_layout_is_the_seeds(demo_dir):
@@ -84,7 +84,9 @@ def test_evaluate_cli_on_gguf_writes_results(demo_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["backend"] == "gguf" and r["accuracy"] >= 0.9
-    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / r["files"]["confusion_matrix"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / r["files"]["errors"]).read_text().lower().startswith("<!doctype html>")
 
 
 # -- bad input: one line naming the thing, exit code 2, nothing half-written ------------------------
