@@ -29,9 +29,13 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 # Keep a torch that is already there (a GPU user's own CUDA build); else install the pair that
-# works on CPU here (transformers 5's SmolVLM processor needs torchvision).
+# works on CPU here (transformers 5's SmolVLM processor needs torchvision). A torch without
+# torchvision is not "fixed" by us: pip would swap the user's torch for another build.
 $(VENV)/.torch: | $(PY)
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -c "import torchvision" 2>/dev/null || { echo "torch is installed but torchvision is not:" \
+			"install the torchvision release that matches your torch, then run make again" >&2; exit 1; }; \
+	else $(PY) -m pip install torch==2.14.1 torchvision==0.29.1; fi
 	touch $@
 
 $(SDIST):

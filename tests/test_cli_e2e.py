@@ -89,6 +89,22 @@ def test_evaluate_cli_on_gguf_writes_results(demo_dir, tmp_path):
     assert (tmp_path / r["files"]["errors"]).read_text().lower().startswith("<!doctype html>")
 
 
+def test_run_config_runs_only_its_stages(demo_dir, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'stages = ["export", "evaluate"]\n'
+        f'[model]\nbase_model = "{demo_dir / "base_model"}"\n'
+        f'[train]\ndataset_dir = "{demo_dir / "dataset"}"\noutput_dir = "{demo_dir / "run"}"\n'
+        f'[export]\noutput_dir = "{tmp_path / "gguf"}"\nname = "X"\nquant = ["Q8_0", "Q4_K_M"]\n'
+        f'[evaluate]\nbackends = ["gguf"]\noutput_path = "{tmp_path / "res.json"}"\n'
+    )
+    res = elemental("run", str(cfg), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "gguf" / "X-Q8_0.gguf").is_file() and (tmp_path / "gguf" / "X-Q4_K_M.gguf").is_file()
+    assert json.loads((tmp_path / "res_gguf.json").read_text())["accuracy"] >= 0.9
+    assert not (tmp_path / "res.json").exists(), "the hf backend was not asked for"
+
+
 # -- bad input: one line naming the thing, exit code 2, nothing half-written ------------------------
 
 def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:

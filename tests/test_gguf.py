@@ -238,12 +238,10 @@ def test_converter_failure_names_the_cause(tmp_path, model_dir, task):
 def test_tokenizer_pre_is_forced_only_for_marked_models(tmp_path, model_dir):
     plain = tmp_path / "plain"
     plain.mkdir()
-    merged_tiny, merged_real = tmp_path / "merged_tiny", tmp_path / "merged_real"
-    for d, base in ((merged_tiny, str(model_dir)), (merged_real, REAL_BASE_MODEL)):
-        d.mkdir()
-        (d / "manifest.json").write_text(json.dumps({"stage": "merge", "base_model": base}))
+    merged_real = tmp_path / "merged_real"
+    merged_real.mkdir()
+    (merged_real / "manifest.json").write_text(json.dumps({"stage": "merge", "base_model": REAL_BASE_MODEL}))
     assert convert.tokenizer_pre_override(model_dir) == "smollm"
-    assert convert.tokenizer_pre_override(merged_tiny) == "smollm"  # merge does not copy the marker
     assert convert.tokenizer_pre_override(plain) is None
     assert convert.tokenizer_pre_override(merged_real) is None
     marked_cmd = convert.converter_command(model_dir, tmp_path / "o.gguf", "f16", mmproj=False)

@@ -15,7 +15,6 @@ converter untouched.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import subprocess
 import sys
@@ -53,23 +52,10 @@ def converter_source() -> str:
 def tokenizer_pre_override(model_dir: Path) -> str | None:
     """The pre-tokenizer name to force, for a locally built tiny model only; None for every other model.
 
-    A merged model is the tiny one when the base recorded in its merge manifest is a local folder that
-    carries the marker (merge saves weights and processor, not the marker).
+    The tiny model's marker file names it; `merge` carries the marker into the merged folder.
     """
     marker = tiny_marker(model_dir)
-    if marker is None:
-        marker = tiny_marker(base) if (base := _merged_from(Path(model_dir))) else None
     return marker.get("tokenizer_pre") if marker else None
-
-
-def _merged_from(model_dir: Path) -> Path | None:
-    """The local base-model folder a merged model was made from, per its manifest (None for a hub id)."""
-    manifest = model_dir / "manifest.json"
-    try:
-        base = json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
-    except json.JSONDecodeError:
-        return None
-    return Path(base) if base and Path(base).is_dir() else None
 
 
 def converter_command(model_dir: Path, outfile: Path, outtype: str, mmproj: bool) -> list[str]:

@@ -7,6 +7,7 @@ see the same photos and prompt; max |Δlogit| is printed and written to the outp
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from ..errors import ElementalError
 from ..fileio import atomic_dir, read_json, write_json_atomic
 from ..model_io import check_smolvlm_dir, load_model, load_processor, pick_device
+from ..synthetic import TINY_MARKER
 from ..task import Task
 
 # fp32 merge_and_unload reorders a few float operations: ~1e-6 on the tiny model; far above that is a bug.
@@ -75,9 +77,11 @@ def merge(
     with atomic_dir(output_path) as tmp:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        task_file = lora_path / "task.json"
-        if task_file.is_file():
-            (tmp / "task.json").write_text(task_file.read_text())
+        # What the merged folder inherits: the task it was trained for and, for the locally built
+        # tiny model, the marker that tells export how llama.cpp should treat its tokenizer.
+        for carried in (lora_path / "task.json", Path(base_model) / TINY_MARKER):
+            if carried.is_file():
+                shutil.copyfile(carried, tmp / carried.name)
         reloaded = load_model(tmp, dev, dtype)
         after = _logits(reloaded, processor, prompt, check_images)
         max_diff = float((before - after).abs().max())
