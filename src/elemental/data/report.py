@@ -1,0 +1,79 @@
+"""`dataset/report.html`: a contact sheet to audit the teacher in a minute.
+
+One section per class (thumbnail, reason, confidence, source), then the photos that were dropped
+for low confidence and the ones the teacher rejected, each with its reason. Thumbnails are embedded
+(base64 JPEG), so the page is one self-contained file that can be mailed or attached to a ticket.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..images import bounded, encode_jpeg
+
+THUMB_SIDE = 160
+
+
+@dataclass(frozen=True)
+class SheetEntry:
+    """One photo on the sheet: a small JPEG and what the teacher (or the folder) said about it."""
+
+    thumb_jpeg: bytes
+    label: str | None
+    reason: str
+    confidence: float | None
+    source: str
+    source_id: str
+
+
+def thumbnail(img: Image.Image) -> bytes:
+    return encode_jpeg(bounded(img, THUMB_SIDE), quality=75)
+
+
+def _card(e: SheetEntry) -> str:
+    esc = html.escape
+    data = base64.b64encode(e.thumb_jpeg).decode()
+    conf = "" if e.confidence is None else f"<b>{e.confidence:.2f}</b> "
+    label = "" if e.label is None else f"{esc(e.label)} · "
+    return (
+        f'<figure><img src="data:image/jpeg;base64,{data}" alt="{esc(e.source_id)}">'
+        f"<figcaption>{label}{conf}{esc(e.reason)}<br><small>{esc(e.source)}: {esc(e.source_id)}</small>"
+        "</figcaption></figure>"
+    )
+
+
+def _section(title: str, entries: Sequence[SheetEntry]) -> str:
+    body = "".join(_card(e) for e in entries) or "<p>none</p>"
+    return f"<h2>{html.escape(title)} ({len(entries)})</h2><div class=sheet>{body}</div>"
+
+
+def report_html(
+    labels: Sequence[str],
+    kept: Sequence[SheetEntry],
+    low_confidence: Sequence[SheetEntry],
+    rejected: Sequence[SheetEntry],
+    summary: str,
+) -> str:
+    """The whole page: kept photos per class (least confident first), then the dropped ones."""
+    sections = []
+    for label in labels:
+        mine = sorted((e for e in kept if e.label == label), key=lambda e: (e.confidence or 0.0))
+        sections.append(_section(f"{label}", mine))
+    sections.append(_section("Dropped: confidence below the threshold", low_confidence))
+    sections.append(_section("Rejected by the teacher or unreadable", rejected))
+    return "\n".join([
+        "<!doctype html>",
+        '<html><head><meta charset="utf-8"><title>elemental dataset report</title>',
+        "<style>body{font-family:sans-serif;margin:1.5em}.sheet{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{width:170px;margin:0;font-size:12px}img{max-width:160px;max-height:160px;display:block}"
+        "</style></head><body>",
+        "<h1>Dataset report</h1>",
+        f"<p>{html.escape(summary)}</p>",
+        *sections,
+        "</body></html>",
+    ])
