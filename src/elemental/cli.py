@@ -44,21 +44,48 @@ def _load(config: Path | None, overrides: dict) -> tuple[RunConfig, Task]:
 @app.command()
 def prepare(
     config: ConfigOpt = None,
-    source: Annotated[list[str] | None, _opt("--source", help="Photo source, repeatable: folder:PATH "
-                                             "(a folder per label).")] = None,
+    source: Annotated[list[str] | None, _opt("--source", help="Repeatable: folder:PATH (a folder per label, or flat "
+                                             "for the teacher), urls:FILE, json:FILE, unsplash, openverse.")] = None,
+    query: Annotated[list[str] | None, _opt("--query", help="Search term for unsplash/openverse, repeatable.")] = None,
     output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="Dataset folder to write.")] = None,
     num_images: Annotated[int | None, _opt("--num-images", "--num_images", help="Cap on photos kept.")] = None,
+    per_class_target: Annotated[int | None, _opt("--per-class-target", "--per_class_target",
+                                                 help="Keep collecting until every class has N photos.")] = None,
     min_confidence: Annotated[float | None, _opt("--min-confidence", "--min_confidence",
                                                  help="Drop labels below this confidence (0..1).")] = None,
     val_fraction: Annotated[float | None, _opt("--val-fraction", "--val_fraction", help="Share for val.")] = None,
     seed: Annotated[int | None, _opt("--seed", help="Split seed.")] = None,
+    labeler_model: Annotated[str | None, _opt("--labeler-model", "--labeler_model",
+                                              help="Teacher model, e.g. gpt-4o-mini.")] = None,
+    labeler_base_url: Annotated[str | None, _opt("--labeler-base-url", "--labeler_base_url",
+                                                 help="OpenAI-compatible endpoint (env OPENAI_BASE_URL).")] = None,
+    openai_api_key: Annotated[str | None, _opt("--openai-api-key", "--openai_api_key",
+                                               help="Teacher API key (better: env OPENAI_API_KEY).")] = None,
+    num_workers: Annotated[int | None, _opt("--num-workers", "--num_workers", help="Teacher requests in flight.")]
+    = None,
+    batch: Annotated[bool | None, typer.Option("--batch/--no-batch", help="Label through the OpenAI Batch API.",
+                                               show_default=False)] = None,
+    relabel_only: Annotated[bool | None, typer.Option("--relabel-only", help="Re-filter from cached answers; "
+                                                      "never call the teacher.", show_default=False)] = None,
+    label_cache: Annotated[Path | None, _opt("--label-cache", help="SQLite cache of the teacher's answers "
+                                             "(default ~/.cache/elemental/labels.sqlite).")] = None,
+    unsplash_api_url: Annotated[str | None, _opt("--unsplash-api-url", help="Unsplash API base URL.")] = None,
+    openverse_api_url: Annotated[str | None, _opt("--openverse-api-url", help="Openverse API base URL.")] = None,
 ) -> None:
-    """Collect and label photos into dataset/ (images/, train.json, val.json, metadata.json)."""
+    """Collect photos, label them with a vision LLM (cached: never paid twice), filter, de-duplicate and split
+    into dataset/ (images/, train.json, val.json, metadata.json, report.html)."""
     from .pipeline import stage_prepare
 
+    if openai_api_key:
+        os.environ["OPENAI_API_KEY"] = openai_api_key  # process env only: never in config, logs or metadata
     cfg, task = _load(config, {
-        "prepare.sources": source or None, "prepare.output_dir": output_dir, "prepare.num_images": num_images,
+        "prepare.sources": source or None, "prepare.queries": query or None, "prepare.output_dir": output_dir,
+        "prepare.num_images": num_images, "prepare.per_class_target": per_class_target,
         "prepare.min_confidence": min_confidence, "prepare.val_fraction": val_fraction, "prepare.seed": seed,
+        "prepare.labeler_model": labeler_model, "prepare.labeler_base_url": labeler_base_url,
+        "prepare.num_workers": num_workers, "prepare.batch": batch, "prepare.relabel_only": relabel_only,
+        "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
+        "prepare.openverse_api_url": openverse_api_url,
     })
     stage_prepare(cfg, task)
 

@@ -50,12 +50,31 @@ class ModelConfig(_Section):
 
 
 class PrepareConfig(_Section):
-    sources: list[str] = Field(default_factory=list)
+    """Photo sources, the teacher that labels them, and how the dataset is filtered and split (DESIGN §5-§6)."""
+
+    sources: list[str] = Field(default_factory=list)  # folder:PATH, urls:FILE, json:FILE, unsplash, openverse
+    queries: list[str] = Field(default_factory=lambda: [
+        "ocean", "river", "mountain landscape", "desert", "campfire", "candle flame", "forest", "wooden table",
+        "steel", "metal tools",
+    ])
     output_dir: Path = Path("dataset")
     num_images: int = Field(1000, ge=1)
+    per_class_target: int | None = Field(None, ge=1)  # keep collecting until each class has this many
     min_confidence: float = Field(0.7, ge=0.0, le=1.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 42
+    near_duplicate_distance: int = Field(4, ge=0, le=64)  # perceptual-hash bits; 0 keeps near duplicates
+    # The teacher: any OpenAI-compatible endpoint. The API key is never part of the config (env only).
+    labeler_model: str = "gpt-4o-mini"
+    labeler_base_url: str | None = None  # default: env OPENAI_BASE_URL, else OpenAI
+    num_workers: int = Field(4, ge=1, le=64)
+    max_reasks: int = Field(2, ge=0, le=10)
+    detail: Literal["low", "high", "auto"] = "low"
+    label_cache: Path | None = None  # default: ~/.cache/elemental/labels.sqlite, shared by every dataset
+    batch: bool = False  # OpenAI Batch API (half price, hours) for large sets
+    relabel_only: bool = False  # re-filter from cached answers; never call the teacher
+    unsplash_api_url: str | None = None  # default: env UNSPLASH_API_URL, else the public API
+    openverse_api_url: str | None = None
 
 
 class TrainConfig(_Section):

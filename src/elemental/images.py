@@ -3,48 +3,224 @@
 Training, both classifiers and `prepare` all open photos here: the EXIF orientation a phone wrote is
 applied (the model must see the photo upright, as the user does), only the first frame of an
 animation is used, transparency is flattened onto white (not Pillow's default black, which would
-change a photo's colour cues) and the result is always RGB. Any failure becomes a one-line
-ElementalError naming the file, including Pillow's decompression-bomb guard.
+change a photo's colour cues), an embedded colour profile (CMYK, Display P3, Adobe RGB) is converted
+to sRGB, 16-bit greyscale is scaled to 8 bits (not clipped to white) and the result is always RGB.
+
+Photos come from users' folders and from the internet, so every failure a file can cause (empty,
+truncated, not an image at all, a decompression bomb, a HEIC photo without its plugin) becomes a
+one-line ElementalError naming the file or URL; the callers decide whether that stops the run or is
+recorded as a rejected photo.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import struct
+import warnings
 from pathlib import Path
+from typing import IO
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 from .errors import ElementalError
 from .fileio import sha256_file, write_bytes_atomic
 
-# The suffixes the `folder:` source picks up (compared lower-case).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+def _register_heif() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener when it is installed (iPhones save HEIC by default)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open `path` as an upright RGB image, fully decoded, or raise ElementalError naming the file."""
+HEIF_AVAILABLE = _register_heif()
+
+# The suffixes the `folder:` source picks up (compared lower-case). HEIC/HEIF files are always
+# picked up: without pillow-heif they fail with a message that says how to fix it, not silently.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
+    | ({".avif"} if features.check("avif") else set())
+)
+
+# ISO-BMFF brands of HEIF files (the `ftyp` box at byte 4), to recognise a HEIC photo by its content:
+# downloaded photos have no suffix to go by.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"})
+_HEIF_HINT = "a HEIC/HEIF photo needs the pillow-heif package (pip install pillow-heif)"
+
+# Pillow's own decoders' failures for bad files are spread over these exception types.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError, KeyError)
+
+
+def open_image(path: Path, max_side: int | None = None) -> Image.Image:
+    """Open `path` as an upright RGB image, fully decoded, or raise ElementalError naming the file.
+
+    `max_side` is a promise that the caller will shrink the result to that long side (as `prepare`
+    does): JPEGs are then decoded at a reduced DCT scale, several times faster for camera photos.
+    The result may still be larger than `max_side`; `bounded` finishes the job.
+    """
     path = Path(path)
     if not path.is_file():
         raise ElementalError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
-            upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
+        size = path.stat().st_size
+    except OSError as e:
+        raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
+    if size == 0:
+        raise ElementalError(f"{path}: empty file (0 bytes), not an image")
+    try:
+        with open(path, "rb") as f:
+            return _decode(f, str(path), max_side)
+    except OSError as e:  # opening the file itself; Pillow's errors are handled in _decode
+        raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def open_image_bytes(data: bytes, name: str, max_side: int | None = None) -> Image.Image:
+    """Like `open_image` for bytes already in memory (a download); errors name `name` (its URL or id)."""
+    if not data:
+        raise ElementalError(f"{name}: empty file (0 bytes), not an image")
+    return _decode(io.BytesIO(data), name, max_side)
+
+
+def _decode(fp: IO[bytes], name: str, max_side: int | None) -> Image.Image:
+    """Open, decode and normalise one image from `fp`; every failure is an ElementalError naming `name`."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not fails) about odd but decodable files; the warning text would only be noise.
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(fp) as img:
+                img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+                if max_side is not None:
+                    _draft(img, max_side)
+                img.load()
+                return _exif_upright(img, _to_rgb(img))
     except Image.DecompressionBombError as e:
-        raise ElementalError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        # Pillow reports truncated or corrupt files through all of these.
-        raise ElementalError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ElementalError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        fp.seek(0)
+        if _looks_like_heif(fp.read(16)) and not HEIF_AVAILABLE:
+            raise ElementalError(f"{name}: {_HEIF_HINT}") from None
+        raise ElementalError(f"{name}: not a readable image (content is not a known image format)") from None
+    except _DECODE_ERRORS as e:
+        why = "truncated or corrupt file" if "truncat" in str(e).lower() else "corrupt or unsupported file"
+        raise ElementalError(f"{name}: not a readable image ({why}; {type(e).__name__}: {_one_line(e)})") from None
+    except MemoryError:
+        raise ElementalError(f"{name}: too large to decode in memory") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _looks_like_heif(head: bytes) -> bool:
+    return len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def _draft(img: Image.Image, max_side: int) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that keeps the long side >= max_side.
+
+    The target keeps the photo's aspect ratio: a (max_side, max_side) box would stop a 4:3 photo one
+    scale early because of its short side.
+    """
+    if img.format != "JPEG" or max_side < 1:
+        return
+    w, h = img.size
+    long_side = max(w, h)
+    if long_side <= max_side:
+        return
+    target = (max(1, w * max_side // long_side), max(1, h * max_side // long_side))
+    img.draft(img.mode, target)
+
+
+def _exif_upright(original: Image.Image, pixels: Image.Image) -> Image.Image:
+    """`pixels` turned upright by `original`'s EXIF orientation; a malformed EXIF block leaves it as is.
+
+    A broken EXIF tag is no reason to lose a photo whose pixels decode fine.
+    """
+    try:
+        orientation = original.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS:
+        return pixels
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(orientation if isinstance(orientation, int) else 1)
+    return pixels.transpose(method) if method is not None else pixels
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of `img` (decoding it), with any transparency composited onto white."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """RGB copy of the decoded `img`: transparency composited onto white, colour profile to sRGB,
+    16-bit and float greyscale scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_grey_to_rgb(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("RGB", "CMYK") and img.info.get("icc_profile"):
+        converted = _to_srgb(img, img.info["icc_profile"])
+        if converted is not None:
+            return converted
+    if img.mode == "RGB":
+        return img  # already decoded (load() ran): a copy of a 12-MP photo would cost time for nothing
     return img.convert("RGB")
+
+
+def _wide_grey_to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of a 16-bit/32-bit/float greyscale image, scaled by its nominal range.
+
+    Pillow's own convert clips every value above 255 to white, which turns a normal 16-bit PNG into
+    a white sheet. 16-bit data is scaled from 0..65535; 32-bit integer data from 0..65535 when it
+    fits (PNG/TIFF 16-bit read as "I"), else from its own min..max; float from 0..1 when it fits.
+    """
+    a = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        lo, hi = 0.0, 65535.0
+    elif img.mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        lo, hi = 0.0, 1.0
+    elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+        lo, hi = 0.0, (255.0 if a.max() <= 255 else 65535.0)
+    else:
+        lo = float(np.nanmin(a)) if a.size else 0.0
+        hi = float(np.nanmax(a)) if a.size else 1.0
+    scaled = np.clip(np.rint((np.nan_to_num(a, nan=lo) - lo) * 255.0 / max(hi - lo, 1e-12)), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image | None:
+    """`img` converted from its embedded ICC profile to sRGB; None when the profile is sRGB or unusable."""
+    transform = _transform_to_srgb(icc, img.mode)
+    if transform is None:
+        return None
+    try:
+        return ImageCms.applyTransform(img, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A cached profile→sRGB transform (phones embed the same few profiles in every photo)."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        description = (ImageCms.getProfileDescription(profile) or "").strip()
+        if mode == "RGB" and description.lower().startswith("srgb"):
+            return None
+        return ImageCms.buildTransform(profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
 
 
 def bounded(img: Image.Image, max_side: int) -> Image.Image:
@@ -77,3 +253,34 @@ def sha256_of_image_file(path: Path) -> str:
         raise ElementalError(f"image not found: {path}") from None
     except OSError as e:
         raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+# -- near duplicates --------------------------------------------------------------------------------
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """64-bit difference hash (dHash) of `img` as 16 hex digits, for near-duplicate detection.
+
+    The same photo re-encoded, resized, recompressed or lightly edited keeps (almost) the same hash,
+    unlike its sha256. The algorithm and bit order are those of `imagehash.dhash` (greyscale, resize
+    to 9x8 with Lanczos, one bit per "left pixel brighter than its right neighbour"), so hashes are
+    comparable with that library's without depending on it (and on SciPy/PyWavelets through it).
+    """
+    grey = img.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
+    px = np.asarray(grey, dtype=np.int16)
+    bits = (px[:, 1:] > px[:, :-1]).flatten()
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return f"{value:016x}"
+
+
+def hamming(a: str, b: str) -> int:
+    """Number of differing bits between two hex hashes from `perceptual_hash` (0 = same picture).
+
+    Photos within about 6 of 64 bits are near duplicates; unrelated photos differ in ~32.
+    """
+    try:
+        return (int(a, 16) ^ int(b, 16)).bit_count()
+    except ValueError:
+        raise ValueError(f"not hex perceptual hashes: {a!r}, {b!r}") from None

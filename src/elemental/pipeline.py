@@ -60,15 +60,16 @@ def open_classifier(
 def stage_prepare(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     from .data.prepare import prepare_dataset
 
-    pc = cfg.prepare
-    if not pc.sources:
-        raise ElementalError("prepare needs at least one --source (e.g. folder:PATH)")
-    meta = prepare_dataset(
-        pc.sources, pc.output_dir, task, val_fraction=pc.val_fraction, seed=pc.seed,
-        min_confidence=pc.min_confidence, num_images=pc.num_images,
-    )
-    n_train, n_val = (sum(meta["counts"][s].values()) for s in ("train", "val"))
-    say(f"prepare: {pc.output_dir}: {n_train} train / {n_val} val photos, per class {meta['counts']['train']}")
+    meta = prepare_dataset(cfg.prepare, task, say)
+    teacher = meta.get("teacher") or {}
+    cost = teacher.get("estimated_cost_usd")
+    spend = ""
+    if teacher:
+        spend = (f"; teacher {teacher['model']}: {teacher['requests']} requests, {teacher['cache_hits']} cached, "
+                 f"{teacher['tokens_in']}+{teacher['tokens_out']} tokens, "
+                 + (f"≈ ${cost:.4f}" if cost is not None else "unknown price"))
+    say(f"prepare: {cfg.prepare.output_dir}: {meta['n_train']} train / {meta['n_val']} val photos, "
+        f"per class {meta['counts']['total']}, dropped {meta['dropped']}{spend}")
     return meta
 
 

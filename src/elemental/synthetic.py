@@ -244,9 +244,13 @@ def synthetic_photo(label: str, rng: np.random.Generator, size: tuple[int, int] 
         pattern = np.sin(xx * freq + phase) * (yy / gh) + (yy / gh) * 2 - 1
     elif tex == "grain":
         pattern = np.sin(xx * freq * 2 + 0.8 * np.sin(yy * 0.1 + phase))
-    else:  # brushed
-        pattern = np.sin(yy * 3.0 + rng.normal(0, 0.3, (gh, gw))) * 0.5 + (xx / gw) - 0.5
-    pattern = pattern / (np.abs(pattern).max() + 1e-6)
+    else:  # brushed, with a light falling from a random side
+        theta = rng.uniform(0, 2 * math.pi)
+        sheen = (xx / gw - 0.5) * math.cos(theta) + (yy / gh - 0.5) * math.sin(theta)
+        pattern = np.sin(yy * 3.0 + rng.normal(0, 0.3, (gh, gw))) * 0.5 + sheen
+    # Large soft blobs (objects, shadows) make every photo its own picture, as real photos are.
+    blobs = Image.fromarray(rng.uniform(0, 255, (4, 4)).astype(np.uint8), "L").resize((gw, gh), Image.BICUBIC)
+    pattern = pattern / (np.abs(pattern).max() + 1e-6) + 1.5 * (np.asarray(blobs) / 255.0 - 0.5)
     hh = (hue + 0.02 * pattern) % 1.0
     ss = np.clip(sat + 0.1 * pattern, 0, 1)
     vv = np.clip(val + 0.15 * pattern + rng.normal(0, 0.03, (gh, gw)), 0, 1)

@@ -1,156 +1,352 @@
 """`elemental prepare`: photos from sources → a seed-layout dataset (`images/`, `train.json`, `val.json`,
-`metadata.json`).
+`metadata.json`, `report.html`).
 
-This version reads `folder:PATH` sources: folder-per-class trees whose subfolder names are the
-labels. Every photo is opened through `images.open_image` (upright RGB) and stored as a JPEG with a
-bounded long side under an id derived from the original file's sha256, so re-running on the same
-photos gives the same ids. Exact duplicates are dropped, the split is stratified, and the whole
-dataset is built in a temp folder and swapped in at the end: an error (an unknown class folder, one
-unreadable photo) or an interrupt leaves the previous dataset, or nothing, never a mix.
+Photos come from `data.sources` (folders, URL lists, the seed's JSON, Unsplash, Openverse). Each one
+is decoded once (upright RGB), identified by the sha256 of its original bytes, and dropped when it is
+an exact or near duplicate (perceptual hash) of one kept before. Photos without a known label go to
+the teacher (`data.labeling`), whose answers live in a SQLite cache outside the dataset: a crash, a
+Ctrl-C or a re-run never loses or re-pays an answer, and `--relabel-only` re-filters from the cache
+alone. The dataset is built in a temp folder and swapped in at the end, so an interrupted prepare
+leaves the previous dataset (or nothing), never a mix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..config import PrepareConfig
 from ..errors import ElementalError
-from ..fileio import atomic_dir, write_json_atomic
-from ..images import IMAGE_SUFFIXES, bounded, encode_jpeg, open_image, sha256_of_image_file
+from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
+from ..images import bounded, encode_jpeg, hamming, open_image_bytes, perceptual_hash
 from ..task import Task
 from .records import Record, save_split
+from .report import SheetEntry, report_html, thumbnail
+from .sources import UNSPLASH_TERMS_NOTE, Photo, Rejected, open_source
 from .split import class_counts, stratified_split
 
-SUPPORTED_SOURCES = "folder:PATH"
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
 FOLDER_LABELER = "folder-name"
 FOLDER_REASON = "a photo from the '{label}' folder"
 MAX_SIDE = 1024
 ID_LENGTH = 12
+DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A photo file found in a class folder, before it is read."""
+@dataclass
+class _Item:
+    """A decoded photo waiting for (or holding) its label."""
 
-    path: Path
-    label: str
-    source_id: str  # path relative to the source folder
+    photo: Photo
+    sha256: str
+    jpeg: bytes
+    width: int
+    height: int
+    phash: str
+    element: str | None = None
+    reason: str = ""
+    confidence: float = 0.0
+    labeler: str = FOLDER_LABELER
+
+    def record(self) -> Record:
+        image_id = self.sha256[:ID_LENGTH]
+        return Record(
+            image_id=image_id, image_path=f"images/{image_id}.jpg", element=self.element or "",
+            reason=self.reason, confidence=self.confidence, source=self.photo.source,
+            source_id=self.photo.source_id, attribution=self.photo.attribution, sha256=self.sha256,
+            width=self.width, height=self.height, labeler=self.labeler,
+        )
+
+    def sheet(self) -> SheetEntry:
+        return SheetEntry(thumbnail(open_image_bytes(self.jpeg, self.photo.name)), self.element, self.reason,
+                          self.confidence if self.element else None, self.photo.source, self.photo.source_id)
 
 
-def prepare_dataset(
-    sources: list[str],
-    output_dir: Path,
-    task: Task,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 42,
-    min_confidence: float = 0.7,
-    num_images: int | None = None,
-) -> dict[str, Any]:
-    """Build the dataset at `output_dir` from `sources`; returns the metadata it wrote (prints nothing)."""
-    output_dir = Path(output_dir)
-    if not sources:
-        raise ElementalError(f"no sources given (supported: {SUPPORTED_SOURCES})")
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ElementalError(f"min_confidence must be between 0 and 1, got {min_confidence}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ElementalError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if num_images is not None and num_images < 1:
-        raise ElementalError(f"num_images must be at least 1, got {num_images}")
-    # Everything that can be checked without reading photos is checked before anything is written.
-    queues = _candidates(sources, task, seed)
+@dataclass
+class _Tally:
+    """What was dropped or rejected, and why: it goes to metadata.json and report.html."""
+
+    dropped: Counter = field(default_factory=Counter)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    rejected_sheet: list[SheetEntry] = field(default_factory=list)
+    low_confidence_sheet: list[SheetEntry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, why: str, n: int = 1) -> None:
+        if n > 0:
+            self.dropped[why] += n
+
+    def reject(self, source: str, source_id: str, kind: str, reason: str, thumb: bytes | None = None) -> None:
+        self.drop(f"rejected_{kind}")
+        self.rejected.append({"source": source, "source_id": source_id, "kind": kind, "reason": reason})
+        self.rejected_sheet.append(SheetEntry(thumb, None, reason, None, source, source_id))
+
+
+class _Dedup:
+    """Exact (sha256 of the original and of the normalised JPEG) and near (perceptual hash) duplicates."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        self.shas: set[str] = set()
+        self.phashes: list[str] = []
+
+    def check(self, *shas: str, phash: str | None = None) -> str | None:
+        if any(s in self.shas for s in shas):
+            return "duplicate"
+        if phash is not None and self.max_distance > 0:
+            if any(hamming(phash, p) <= self.max_distance for p in self.phashes):
+                return "near_duplicate"
+        return None
+
+    def add(self, *shas: str, phash: str) -> None:
+        self.shas.update(shas)
+        self.phashes.append(phash)
+
+
+def _ingest(photo: Photo, dedup: _Dedup, tally: _Tally, task: Task) -> _Item | None:
+    """Decode, normalise and de-duplicate one photo; None (with the reason tallied) when it is dropped."""
+    original_sha = hashlib.sha256(photo.data).hexdigest()
+    if dedup.check(original_sha):
+        tally.drop("duplicate")
+        return None
+    try:
+        img = bounded(open_image_bytes(photo.data, photo.name, max_side=MAX_SIDE), MAX_SIDE)
+    except ElementalError as e:
+        tally.reject(photo.source, photo.source_id, "unreadable", str(e))
+        log.warning("%s", e)
+        return None
+    jpeg = encode_jpeg(img)
+    phash = perceptual_hash(img)
+    why = dedup.check(hashlib.sha256(jpeg).hexdigest(), phash=phash)
+    if why:
+        tally.drop(why)
+        return None
+    dedup.add(original_sha, hashlib.sha256(jpeg).hexdigest(), phash=phash)
+    item = _Item(photo, original_sha, jpeg, img.width, img.height, phash)
+    if photo.label is not None:
+        task.check_label(photo.label)
+        item.element = photo.label
+        item.reason = photo.reason or FOLDER_REASON.format(label=photo.label)
+        item.confidence = 1.0 if photo.confidence is None else photo.confidence
+        item.labeler = "imported" if photo.reason else FOLDER_LABELER
+    return item
+
+
+class _Labeler:
+    """Labels items with the teacher (or, with `relabel_only`, from its cache alone)."""
+
+    def __init__(self, cfg: PrepareConfig, task: Task):
+        self.cfg, self.task = cfg, task
+        self.cache_path = (cfg.label_cache or DEFAULT_LABEL_CACHE).expanduser()
+        self._teacher = None
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from .labeling import Teacher
+
+            self._teacher = Teacher(
+                self.task, cache_path=self.cache_path, model=self.cfg.labeler_model,
+                base_url=self.cfg.labeler_base_url, num_workers=self.cfg.num_workers,
+                max_reasks=self.cfg.max_reasks, detail=self.cfg.detail,
+            )
+        return self._teacher
+
+    def _from_cache_only(self, items: list[_Item]) -> dict[str, Any]:
+        from .label_cache import LabelCache
+        from .labeling import prompt_version
+
+        pv = prompt_version(self.task, detail=self.cfg.detail)
+        with LabelCache(self.cache_path) as cache:
+            return cache.get_many([i.sha256 for i in items], self.cfg.labeler_model, pv)
+
+    def label(self, items: list[_Item], tally: _Tally) -> None:
+        """Fill in element/reason/confidence; rejected or (relabel-only) uncached items get element None."""
+        if not items:
+            return
+        photos = [(i.sha256, i.jpeg) for i in items]
+        if self.cfg.relabel_only:
+            answers = self._from_cache_only(items)
+        elif self.cfg.batch:
+            answers = self.teacher.label_batch(photos)
+        else:
+            answers = self.teacher.label_many(photos)
+        tag = f"{self.cfg.labeler_model}@{self._prompt_version()}"
+        for item in items:
+            a = answers.get(item.sha256)
+            if a is None:
+                tally.reject(item.photo.source, item.photo.source_id, "not_in_cache",
+                             "no cached answer (--relabel-only never asks the teacher)")
+            elif a.status != "ok":
+                tally.reject(item.photo.source, item.photo.source_id, "teacher", a.reject_reason or "rejected",
+                             item.sheet().thumb_jpeg)
+            else:
+                item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
+
+    def _prompt_version(self) -> str:
+        from .labeling import prompt_version
+
+        return prompt_version(self.task, detail=self.cfg.detail)
+
+    def report(self) -> dict[str, Any] | None:
+        return None if self._teacher is None else self._teacher.report()
+
+    def close(self) -> None:
+        if self._teacher is not None:
+            self._teacher.close()
+
+
+def _photos(cfg: PrepareConfig, task: Task, tally: _Tally, skip_ids: set[str]) -> Iterator[Photo]:
+    """Every source's photos in turn; rejects are tallied and the run goes on."""
+    streams = [
+        open_source(spec, task, queries=cfg.queries, num_images=_source_cap(cfg, task),
+                    unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url,
+                    skip_ids=skip_ids)
+        for spec in cfg.sources  # every spec is checked before any photo is read
+    ]
+    try:
+        for stream in streams:
+            for x in stream:
+                if isinstance(x, Rejected):
+                    tally.reject(x.source, x.source_id, x.kind, x.reason)
+                else:
+                    yield x
+            tally.notes += stream.notes
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def _source_cap(cfg: PrepareConfig, task: Task) -> int:
+    """How many photos an API source may yield: enough for the target after drops and rejections."""
+    wanted = cfg.per_class_target * len(task.labels) if cfg.per_class_target else cfg.num_images
+    return max(wanted * 2, wanted + 50)
+
+
+def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally) -> list[_Item]:
+    """Drop low-confidence items, then cap per class (per_class_target) and in total (num_images), balanced."""
+    per_label: dict[str, list[_Item]] = {label: [] for label in task.labels}
+    for item in items:
+        if item.element is None:
+            continue
+        if item.confidence < cfg.min_confidence:
+            tally.drop("low_confidence")
+            tally.low_confidence_sheet.append(item.sheet())
+            continue
+        per_label[item.element].append(item)
+    rng = random.Random(cfg.seed)
+    for label in task.labels:
+        per_label[label].sort(key=lambda i: i.sha256)
+        rng.shuffle(per_label[label])
+        if cfg.per_class_target is not None:
+            tally.drop("over_per_class_target", len(per_label[label]) - cfg.per_class_target)
+            del per_label[label][cfg.per_class_target:]
+    kept: list[_Item] = []
+    while len(kept) < cfg.num_images and any(per_label.values()):
+        for label in task.labels:  # round-robin: a balanced cap
+            if per_label[label] and len(kept) < cfg.num_images:
+                kept.append(per_label[label].pop())
+    tally.drop("over_num_images", sum(len(v) for v in per_label.values()))
+    return kept
+
+
+def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
+    """True when labelled, confident photos already meet the targets: stop collecting (and paying)."""
+    counts = Counter(i.element for i in items if i.element and i.confidence >= cfg.min_confidence)
+    if cfg.per_class_target is not None:
+        return all(counts[label] >= cfg.per_class_target for label in task.labels)
+    return sum(counts.values()) >= cfg.num_images
+
+
+def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[str, Any]:
+    """Build the dataset at `cfg.output_dir` from `cfg.sources`; returns the metadata it wrote."""
+    output_dir = Path(cfg.output_dir)
+    if not cfg.sources:
+        raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
     _check_replaceable(output_dir)
+    if any(s.strip().lower().startswith("unsplash") for s in cfg.sources):
+        say(UNSPLASH_TERMS_NOTE)
+    tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
+    items: list[_Item] = []
+    pending: list[_Item] = []
+    chunk = max(32, cfg.num_workers * 8)
+    try:
+        for photo in _photos(cfg, task, tally, skip_ids=set()):
+            item = _ingest(photo, dedup, tally, task)
+            if item is None:
+                continue
+            (items if item.element is not None else pending).append(item)
+            if len(pending) >= chunk:
+                # Unlabelled photos are only paid for while the targets are not met yet.
+                if _enough(items, cfg, task):
+                    tally.drop("not_needed", len(pending))
+                    pending.clear()
+                    if cfg.per_class_target is not None:
+                        break
+                    continue
+                labeler.label(pending, tally)
+                items += pending
+                pending.clear()
+        if pending and not _enough(items, cfg, task):
+            labeler.label(pending, tally)
+            items += pending
+        elif pending:
+            tally.drop("not_needed", len(pending))
+        teacher_report = labeler.report()
+    finally:
+        labeler.close()
 
-    dropped = {"duplicate": 0, "low_confidence": 0, "over_num_images": 0}
-    records: list[Record] = []
-    seen: set[str] = set()
-    kept = {label: 0 for label in task.labels}
+    kept = _select(items, cfg, task, tally)
+    if not kept:
+        raise ElementalError(f"no photos kept from sources {cfg.sources} (dropped: {dict(tally.dropped)})")
+    records = [i.record() for i in kept]
+    train, val = stratified_split(records, cfg.val_fraction, cfg.seed)
+    if not val:
+        raise ElementalError(f"too few photos for a validation split ({len(records)} kept; a class needs at least 2)")
+    metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path)
     with atomic_dir(output_dir) as tmp:
         (tmp / "images").mkdir()
-        while num_images is None or len(records) < num_images:
-            # Always draw from the class with the fewest photos kept so far: a balanced cap.
-            open_labels = [label for label in task.labels if queues[label]]
-            if not open_labels:
-                break
-            label = min(open_labels, key=lambda lb: kept[lb])
-            ingested = _ingest(queues[label].popleft(), seen)
-            if ingested is None:
-                dropped["duplicate"] += 1
-                continue
-            record, jpeg = ingested
-            if record.confidence < min_confidence:
-                dropped["low_confidence"] += 1
-                continue
-            (tmp / record.image_path).write_bytes(jpeg)  # atomic as part of the whole folder swap
-            records.append(record)
-            kept[label] += 1
-        dropped["over_num_images"] = sum(len(q) for q in queues.values())
-        if not records:
-            raise ElementalError(f"no photos kept from sources {sources} (dropped: {dropped})")
-        train, val = stratified_split(records, val_fraction, seed)
-        if not val:
-            raise ElementalError(
-                f"too few photos for a validation split ({len(records)} kept; a class needs at least 2)"
-            )
-        metadata = _metadata(
-            sources, task, train, val, dropped, min_confidence, val_fraction, seed, num_images
-        )
+        for item, rec in zip(kept, records, strict=True):
+            (tmp / rec.image_path).write_bytes(item.jpeg)  # atomic as part of the whole folder swap
         save_split(tmp / "train.json", train)
         save_split(tmp / "val.json", val)
         write_json_atomic(tmp / "metadata.json", metadata)
+        write_text_atomic(tmp / "report.html", report_html(
+            task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet, tally.rejected_sheet,
+            _summary(metadata),
+        ))
+    for item in kept:  # e.g. Unsplash download tracking: exactly once per kept photo, after it is saved
+        if item.photo.on_kept is not None:
+            item.photo.on_kept()
+    for note in tally.notes:
+        say(note)
+    _warn_imbalance(metadata, say)
     return metadata
 
 
-def _candidates(sources: list[str], task: Task, seed: int) -> dict[str, deque[_Candidate]]:
-    """Per label, the photo files of every source, in a seeded shuffled order (what a cap keeps)."""
-    per_label: dict[str, list[_Candidate]] = {label: [] for label in task.labels}
-    for source in sources:
-        kind, sep, arg = source.partition(":")
-        if kind != "folder" or not sep or not arg:
-            raise ElementalError(f"source {source!r} is not supported yet (supported: {SUPPORTED_SOURCES})")
-        for cand in _folder_candidates(Path(arg), task):
-            per_label[cand.label].append(cand)
-    rng = random.Random(seed)
-    for label in task.labels:
-        per_label[label].sort(key=lambda c: (str(c.path), c.source_id))
-        rng.shuffle(per_label[label])
-    return {label: deque(cands) for label, cands in per_label.items()}
+def _summary(metadata: dict[str, Any]) -> str:
+    cost = (metadata.get("teacher") or {}).get("estimated_cost_usd")
+    spend = f", teacher cost ≈ ${cost:.4f}" if isinstance(cost, float) else ""
+    return (f"{metadata['n_train']} train / {metadata['n_val']} val photos; per class "
+            f"{metadata['counts']['total']}; dropped {metadata['dropped']}{spend}")
 
 
-def _folder_candidates(root: Path, task: Task) -> list[_Candidate]:
-    """Photos of a folder-per-class tree; an unknown class folder or a stray photo is an error."""
-    if not root.is_dir():
-        raise ElementalError(f"source folder not found: {root}")
-    found: list[_Candidate] = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file():
-            if entry.suffix.lower() in IMAGE_SUFFIXES:
-                raise ElementalError(
-                    f"{entry}: photo outside a class folder "
-                    f"(put it in {root}/<label>/, one of {list(task.labels)})"
-                )
-            continue
-        if entry.name not in task.labels:
-            raise ElementalError(
-                f"{entry}: folder name {entry.name!r} is not one of the task's labels {list(task.labels)}"
-            )
-        for path in sorted(entry.rglob("*")):
-            rel = path.relative_to(root)
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(rel):
-                found.append(_Candidate(path=path, label=entry.name, source_id=rel.as_posix()))
-    return found
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
+def _warn_imbalance(metadata: dict[str, Any], say: Say) -> None:
+    totals = metadata["counts"]["total"]
+    top = max(totals.values())
+    for label, n in totals.items():
+        if n < top / 2:
+            say(f"warning: class {label!r} has {n} photos, under half of the largest class ({top})")
 
 
 def _check_replaceable(output_dir: Path) -> None:
@@ -164,68 +360,36 @@ def _check_replaceable(output_dir: Path) -> None:
         )
 
 
-def _ingest(cand: _Candidate, seen: set[str]) -> tuple[Record, bytes] | None:
-    """Normalise one photo to JPEG bytes plus its record; None when it duplicates one seen before.
-
-    `seen` holds the sha256 of every original file and of every normalised JPEG so far (catching
-    byte-identical copies and copies that differ only in container or metadata) and the ids in use.
-    """
-    original_sha = sha256_of_image_file(cand.path)
-    if original_sha in seen:
-        return None
-    small = bounded(open_image(cand.path), MAX_SIDE)
-    jpeg = encode_jpeg(small)
-    normalised_sha = hashlib.sha256(jpeg).hexdigest()
-    if normalised_sha in seen:
-        return None
-    image_id = original_sha[:ID_LENGTH]
-    if image_id in seen:  # a 48-bit prefix clash between different photos: fall back to the full hash
-        image_id = original_sha
-    seen.update((original_sha, normalised_sha, image_id))
-    record = Record(
-        image_id=image_id,
-        image_path=f"images/{image_id}.jpg",
-        element=cand.label,
-        reason=FOLDER_REASON.format(label=cand.label),
-        confidence=1.0,
-        source="local",
-        source_id=cand.source_id,
-        sha256=original_sha,
-        width=small.width,
-        height=small.height,
-        labeler=FOLDER_LABELER,
-    )
-    return record, jpeg
-
-
 def _metadata(
-    sources: list[str],
-    task: Task,
-    train: list[Record],
-    val: list[Record],
-    dropped: dict[str, int],
-    min_confidence: float,
-    val_fraction: float,
-    seed: int,
-    num_images: int | None,
+    cfg: PrepareConfig, task: Task, train: list[Record], val: list[Record], tally: _Tally,
+    teacher_report: dict[str, Any] | None, cache_path: Path,
 ) -> dict[str, Any]:
     def per_label(records: list[Record]) -> dict[str, int]:
         counts = class_counts(records)
         return {label: counts.get(label, 0) for label in task.labels}
 
+    labelers = Counter(r.labeler for r in train + val)
     return {
         "elemental_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "sources": list(sources),
+        "sources": list(cfg.sources),
+        "queries": list(cfg.queries) if any(s.split(":")[0] in ("unsplash", "openverse") for s in cfg.sources)
+        else None,
         "labels": list(task.labels),
-        "labeler": FOLDER_LABELER,
+        "labeler": FOLDER_LABELER if set(labelers) == {FOLDER_LABELER} else dict(labelers),
+        "teacher": teacher_report,
+        "label_cache": str(cache_path),
         "counts": {"train": per_label(train), "val": per_label(val), "total": per_label(train + val)},
         "n_train": len(train),
         "n_val": len(val),
-        "dropped": dropped,
-        "min_confidence": min_confidence,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "num_images": num_images,
+        "dropped": dict(tally.dropped),
+        "rejected": tally.rejected,
+        "min_confidence": cfg.min_confidence,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "num_images": cfg.num_images,
+        "per_class_target": cfg.per_class_target,
+        "near_duplicate_distance": cfg.near_duplicate_distance,
         "image_max_side": MAX_SIDE,
+        "unsplash_terms": UNSPLASH_TERMS_NOTE if any(s.startswith("unsplash") for s in cfg.sources) else None,
     }

@@ -23,7 +23,7 @@ THUMB_SIDE = 160
 class SheetEntry:
     """One photo on the sheet: a small JPEG and what the teacher (or the folder) said about it."""
 
-    thumb_jpeg: bytes
+    thumb_jpeg: bytes | None  # None: the photo could not be decoded
     label: str | None
     reason: str
     confidence: float | None
@@ -37,11 +37,15 @@ def thumbnail(img: Image.Image) -> bytes:
 
 def _card(e: SheetEntry) -> str:
     esc = html.escape
-    data = base64.b64encode(e.thumb_jpeg).decode()
+    if e.thumb_jpeg is None:
+        img = '<div class=none>no image</div>'
+    else:
+        data = base64.b64encode(e.thumb_jpeg).decode()
+        img = f'<img src="data:image/jpeg;base64,{data}" alt="{esc(e.source_id)}">'
     conf = "" if e.confidence is None else f"<b>{e.confidence:.2f}</b> "
     label = "" if e.label is None else f"{esc(e.label)} · "
     return (
-        f'<figure><img src="data:image/jpeg;base64,{data}" alt="{esc(e.source_id)}">'
+        f"<figure>{img}"
         f"<figcaption>{label}{conf}{esc(e.reason)}<br><small>{esc(e.source)}: {esc(e.source_id)}</small>"
         "</figcaption></figure>"
     )
@@ -71,6 +75,7 @@ def report_html(
         '<html><head><meta charset="utf-8"><title>elemental dataset report</title>',
         "<style>body{font-family:sans-serif;margin:1.5em}.sheet{display:flex;flex-wrap:wrap;gap:8px}"
         "figure{width:170px;margin:0;font-size:12px}img{max-width:160px;max-height:160px;display:block}"
+        ".none{width:160px;height:60px;background:#eee;color:#888;text-align:center;line-height:60px}"
         "</style></head><body>",
         "<h1>Dataset report</h1>",
         f"<p>{html.escape(summary)}</p>",

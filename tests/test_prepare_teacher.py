@@ -1,0 +1,108 @@
+"""`elemental prepare` with the teacher, through the real CLI and a loopback OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_openai import FakeOpenAI
+
+from elemental.synthetic import write_synthetic_photos
+
+KEY = "sk-test-SECRET-prepare-789"
+LABELS = ["water", "land", "fire", "wood", "metal"]
+
+
+def _flat_folder(root: Path, per_class: int = 8) -> Path:
+    """Synthetic photos of every class in one flat folder: the teacher must label them."""
+    tree = write_synthetic_photos(root / "tree", LABELS, per_class, seed=5)
+    flat = root / "flat"
+    flat.mkdir()
+    for p in sorted(tree.rglob("*.*")):
+        p.rename(flat / p.name)
+    return flat
+
+
+def _prepare(cwd: Path, *args: str, key: str | None = KEY) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    if key:
+        env["OPENAI_API_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "elemental", "prepare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI(expected_key=KEY) as s:
+        yield s
+
+
+def test_teacher_labels_a_flat_folder_and_never_pays_twice(tmp_path, server):
+    flat = _flat_folder(tmp_path)
+    args = ["--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url", server.base_url,
+            "--label-cache", "cache/labels.sqlite", "--num_workers", "4"]
+    res = _prepare(tmp_path, *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["n_train"] + meta["n_val"] == 40
+    records = json.loads((tmp_path / "ds" / "train.json").read_text())
+    # The teacher's answer is recorded with its reason, confidence and the teacher + prompt version.
+    assert all(r["labeler"].startswith("gpt-4o-mini@") and r["reason"] and 0 <= r["confidence"] <= 1
+               for r in records)
+    # The photo's own label (its file name, water_0003.jpg) agrees with the teacher's.
+    agree = sum(r["element"] == r["source_id"].split("_")[0] for r in records)
+    assert agree >= 0.9 * len(records)
+    teacher = meta["teacher"]
+    assert teacher["requests"] == 40 and teacher["tokens_in"] > 0 and teacher["estimated_cost_usd"] > 0
+    assert server.total_billed() == 40
+    assert "teacher gpt-4o-mini: 40 requests" in res.stdout
+
+    # A re-run pays nothing: every answer comes from the cache.
+    res = _prepare(tmp_path, *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert server.total_billed() == 40
+    assert json.loads((tmp_path / "ds" / "metadata.json").read_text())["teacher"]["cache_hits"] == 40
+
+    # The key is in no file written: dataset, cache, anything under the work folder.
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert KEY.encode() not in p.read_bytes(), p
+
+
+def test_relabel_only_refilters_from_the_cache_without_the_teacher(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=4)
+    common = ["--source", f"folder:{flat}", "--label-cache", "cache/labels.sqlite"]
+    # Too strict a threshold: nothing is kept, but every paid answer is in the cache.
+    res = _prepare(tmp_path, *common, "--output_dir", "ds", "--labeler-base-url", server.base_url,
+                   "--min_confidence", "0.95")
+    assert res.returncode == 2 and "low_confidence" in res.stderr
+    billed = server.total_billed()
+    assert billed == 20
+    # No key and a dead endpoint: --relabel-only needs neither.
+    res = _prepare(tmp_path, *common, "--output_dir", "ds", "--relabel-only", "--min_confidence", "0.7",
+                   "--labeler-base-url", "http://127.0.0.1:9/v1", key=None)
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert server.total_billed() == billed
+    assert meta["n_train"] + meta["n_val"] == 20 and meta["teacher"] is None
+
+
+def test_teacher_rejects_are_recorded_and_reported(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=4)
+    server.default = ["off_list"]  # every answer invalid: retried, then rejected with the reason
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                   server.base_url, "--label-cache", "c.sqlite")
+    assert res.returncode == 2
+    assert "no photos kept" in res.stderr and not (tmp_path / "ds").exists()
+    assert KEY not in res.stderr
+
+
+def test_missing_api_key_is_one_line(tmp_path):
+    flat = _flat_folder(tmp_path, per_class=2)
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--label-cache", "c.sqlite",
+                   key=None)
+    assert res.returncode == 2 and "OPENAI_API_KEY is not set" in res.stderr
