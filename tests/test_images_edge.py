@@ -178,6 +178,7 @@ def test_exif_rotated_photo_is_upright(tmp_path: Path, max_side: int | None):
     assert _close(out.getpixel((w // 2, h - 3)), (0, 0, 255), 40)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow's warning is expected here
 def test_broken_exif_does_not_lose_the_photo(tmp_path: Path):
     data = _jpeg(Image.new("RGB", (20, 10), (10, 200, 10)), exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
     (tmp_path / "oddexif.jpg").write_bytes(data)
@@ -210,6 +211,44 @@ def test_max_side_draft_keeps_the_picture(tmp_path: Path):
     # A photo already small is not touched by the draft.
     (tmp_path / "small.jpg").write_bytes(_jpeg(_scene(4, (800, 600))))
     assert open_image(tmp_path / "small.jpg", max_side=1024).size == (800, 600)
+
+
+def _swapped_rb_profile() -> bytes:
+    """A minimal ICC v2 RGB display profile whose red and blue primaries are sRGB's blue and red.
+
+    Written byte by byte (no ICC files on a test machine): a photo tagged with it must come out with
+    red and blue exchanged, which proves the embedded profile is honoured, not ignored.
+    """
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    curv = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"
+    name = b"Swapped RB test\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(name)) + name + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    red, green, blue = (0.4360, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+    tags = [(b"desc", desc), (b"cprt", b"text" + b"\0" * 4 + b"none\0"), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+            (b"rXYZ", xyz(*blue)), (b"gXYZ", xyz(*green)), (b"bXYZ", xyz(*red)),
+            (b"rTRC", curv), (b"gTRC", curv), (b"bTRC", curv)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body + b"\0" * (-len(body) % 4)
+    body = struct.pack(">I", len(tags)) + table + data
+    header = (struct.pack(">I", 128 + len(body)) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    assert len(header) == 128
+    return header + body
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_embedded_colour_profile_is_converted_to_srgb(fmt: str):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format=fmt, icc_profile=_swapped_rb_profile())
+    assert _close(open_image_bytes(buf.getvalue(), f"tagged.{fmt}").getpixel((3, 3)), (0, 0, 255), 4)
 
 
 def test_embedded_srgb_or_broken_profile_keeps_the_colours(tmp_path: Path):

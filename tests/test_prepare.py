@@ -218,3 +218,19 @@ def test_save_jpeg_bounds_the_long_side(tmp_path: Path):
     with Image.open(tmp_path / "sub" / "x.jpg") as img:
         assert img.format == "JPEG" and img.size == (120, 300)
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.jpg"]
+
+
+def test_hugging_face_export_loads_back(photos: Path, tmp_path: Path):
+    import datasets
+
+    from elemental.data.hf_export import export_hf_dataset
+
+    out = tmp_path / "ds"
+    meta = _prepare(photos, out)
+    hf = export_hf_dataset(out, TASK)
+    loaded = datasets.load_from_disk(str(hf))
+    assert set(loaded) == {"train", "validation"}
+    assert (len(loaded["train"]), len(loaded["validation"])) == (meta["n_train"], meta["n_val"])
+    row = loaded["validation"][0]
+    assert row["image"].size[0] > 0 and TASK.labels[row["element"]] in TASK.labels
+    assert loaded["train"].features["element"].names == list(TASK.labels)

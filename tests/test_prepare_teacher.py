@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fake_openai import FakeOpenAI
 
-from elemental.synthetic import write_synthetic_photos
+from elemental.synthetic import synthetic_photo, write_synthetic_photos
 
 KEY = "sk-test-SECRET-prepare-789"
 LABELS = ["water", "land", "fire", "wood", "metal"]
@@ -106,3 +108,67 @@ def test_missing_api_key_is_one_line(tmp_path):
     res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--label-cache", "c.sqlite",
                    key=None)
     assert res.returncode == 2 and "OPENAI_API_KEY is not set" in res.stderr
+
+
+def test_unsplash_photos_labelled_and_tracked_once_per_kept_photo(tmp_path, server):
+    from test_sources import KEY as UNSPLASH_KEY
+    from test_sources import FakeUnsplash, Server
+
+    class PhotoUnsplash(FakeUnsplash):
+        """Serves a distinct synthetic photo per id (flat-colour images would all be near duplicates)."""
+
+        def app(self, req):
+            if req.path.startswith("/img/"):
+                self.image_widths.append(req.query.get("w", ""))
+                pid = req.path.rsplit("/", 1)[1].removesuffix(".jpg")
+                rng = np.random.default_rng(sum(map(ord, pid)))
+                buf = io.BytesIO()
+                synthetic_photo(LABELS[sum(map(ord, pid)) % 5], rng, size=(320, 240)).save(buf, "JPEG")
+                return 200, {"Content-Type": "image/jpeg"}, buf.getvalue()
+            return super().app(req)
+
+    fake = PhotoUnsplash()
+    web = Server(fake.app)
+    fake.base = web.url
+    try:
+        env_key = {"UNSPLASH_ACCESS_KEY": UNSPLASH_KEY}
+        os.environ.update(env_key)
+        res = _prepare(tmp_path, "--source", "unsplash", "--query", "ocean", "--query", "forest",
+                       "--num_images", "12", "--unsplash-api-url", fake.base, "--output_dir", "ds",
+                       "--labeler-base-url", server.base_url, "--label-cache", "c.sqlite",
+                       "--min_confidence", "0.5")
+    finally:
+        os.environ.pop("UNSPLASH_ACCESS_KEY", None)
+        web.stop()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Unsplash" in res.stdout  # the terms note is printed
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    records = json.loads((tmp_path / "ds" / "train.json").read_text()) + json.loads(
+        (tmp_path / "ds" / "val.json").read_text())
+    kept = {r["source_id"] for r in records}
+    assert len(kept) == meta["n_train"] + meta["n_val"] <= 12
+    assert dict(fake.tracked) == {pid: 1 for pid in kept}  # exactly the kept photos, once each
+    assert all(r["source"] == "unsplash" and r["attribution"] for r in records)
+    assert meta["unsplash_terms"]
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert UNSPLASH_KEY.encode() not in p.read_bytes() and KEY.encode() not in p.read_bytes(), p
+
+
+def test_per_class_target_stops_paying_once_every_class_is_full(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=30)
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                   server.base_url, "--label-cache", "c.sqlite", "--per_class_target", "3", "--num_workers", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["counts"]["total"] == {label: 3 for label in LABELS}
+    assert server.total_billed() < 150  # labelled in chunks, stopped when every class had 3
+
+
+def test_batch_mode_through_prepare(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=3)
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                   server.base_url, "--label-cache", "c.sqlite", "--batch")
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["teacher"]["batches_submitted"] >= 1 and meta["n_train"] + meta["n_val"] == 15

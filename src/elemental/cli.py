@@ -67,6 +67,8 @@ def prepare(
                                                show_default=False)] = None,
     relabel_only: Annotated[bool | None, typer.Option("--relabel-only", help="Re-filter from cached answers; "
                                                       "never call the teacher.", show_default=False)] = None,
+    hf_dataset: Annotated[bool | None, typer.Option("--hf-dataset", help="Also write dataset/hf for "
+                                                    "datasets.load_from_disk.", show_default=False)] = None,
     label_cache: Annotated[Path | None, _opt("--label-cache", help="SQLite cache of the teacher's answers "
                                              "(default ~/.cache/elemental/labels.sqlite).")] = None,
     unsplash_api_url: Annotated[str | None, _opt("--unsplash-api-url", help="Unsplash API base URL.")] = None,
@@ -85,7 +87,7 @@ def prepare(
         "prepare.labeler_model": labeler_model, "prepare.labeler_base_url": labeler_base_url,
         "prepare.num_workers": num_workers, "prepare.batch": batch, "prepare.relabel_only": relabel_only,
         "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
-        "prepare.openverse_api_url": openverse_api_url,
+        "prepare.openverse_api_url": openverse_api_url, "prepare.hf_dataset": hf_dataset,
     })
     stage_prepare(cfg, task)
 

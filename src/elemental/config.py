@@ -73,6 +73,7 @@ class PrepareConfig(_Section):
     label_cache: Path | None = None  # default: ~/.cache/elemental/labels.sqlite, shared by every dataset
     batch: bool = False  # OpenAI Batch API (half price, hours) for large sets
     relabel_only: bool = False  # re-filter from cached answers; never call the teacher
+    hf_dataset: bool = False  # also write dataset/hf (datasets.load_from_disk), needs `datasets`
     unsplash_api_url: str | None = None  # default: env UNSPLASH_API_URL, else the public API
     openverse_api_url: str | None = None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import warnings
 from pathlib import Path
 from typing import IO
 
@@ -89,15 +88,12 @@ def open_image_bytes(data: bytes, name: str, max_side: int | None = None) -> Ima
 def _decode(fp: IO[bytes], name: str, max_side: int | None) -> Image.Image:
     """Open, decode and normalise one image from `fp`; every failure is an ElementalError naming `name`."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not fails) about odd but decodable files; the warning text would only be noise.
-            warnings.simplefilter("ignore", UserWarning)
-            with Image.open(fp) as img:
-                img.seek(0)  # first frame of an animated GIF/WebP/TIFF
-                if max_side is not None:
-                    _draft(img, max_side)
-                img.load()
-                return _exif_upright(img, _to_rgb(img))
+        with Image.open(fp) as img:
+            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            if max_side is not None:
+                _draft(img, max_side)
+            img.load()
+            return _exif_upright(img, _to_rgb(img))
     except Image.DecompressionBombError as e:
         raise ElementalError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
@@ -218,7 +214,10 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
         description = (ImageCms.getProfileDescription(profile) or "").strip()
         if mode == "RGB" and description.lower().startswith("srgb"):
             return None
-        return ImageCms.buildTransform(profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL)
+        # NOCACHE: one transform is shared by decoding threads, and LittleCMS's pixel cache is not thread-safe.
+        return ImageCms.buildTransform(
+            profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL, flags=ImageCms.Flags.NOCACHE
+        )
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None
 

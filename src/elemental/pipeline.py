@@ -61,6 +61,10 @@ def stage_prepare(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     from .data.prepare import prepare_dataset
 
     meta = prepare_dataset(cfg.prepare, task, say)
+    if cfg.prepare.hf_dataset:
+        from .data.hf_export import export_hf_dataset
+
+        say(f"prepare: Hugging Face dataset at {export_hf_dataset(cfg.prepare.output_dir, task)}")
     teacher = meta.get("teacher") or {}
     cost = teacher.get("estimated_cost_usd")
     spend = ""

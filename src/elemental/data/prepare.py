@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..images import bounded, encode_jpeg, hamming, open_image_bytes, perceptual
 from ..task import Task
 from .records import Record, save_split
 from .report import SheetEntry, report_html, thumbnail
-from .sources import UNSPLASH_TERMS_NOTE, Photo, Rejected, open_source
+from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source
 from .split import class_counts, stratified_split
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ FOLDER_LABELER = "folder-name"
 FOLDER_REASON = "a photo from the '{label}' folder"
 MAX_SIDE = 1024
 ID_LENGTH = 12
+DECODE_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")
 
 
@@ -53,6 +56,7 @@ class _Item:
     width: int
     height: int
     phash: str
+    thumb: bytes  # for report.html, made while the decoded photo is at hand
     element: str | None = None
     reason: str = ""
     confidence: float = 0.0
@@ -68,7 +72,7 @@ class _Item:
         )
 
     def sheet(self) -> SheetEntry:
-        return SheetEntry(thumbnail(open_image_bytes(self.jpeg, self.photo.name)), self.element, self.reason,
+        return SheetEntry(self.thumb, self.element, self.reason,
                           self.confidence if self.element else None, self.photo.source, self.photo.source_id)
 
 
@@ -113,26 +117,47 @@ class _Dedup:
         self.phashes.append(phash)
 
 
-def _ingest(photo: Photo, dedup: _Dedup, tally: _Tally, task: Task) -> _Item | None:
-    """Decode, normalise and de-duplicate one photo; None (with the reason tallied) when it is dropped."""
-    original_sha = hashlib.sha256(photo.data).hexdigest()
-    if dedup.check(original_sha):
-        tally.drop("duplicate")
-        return None
+@dataclass(frozen=True)
+class _Unreadable:
+    photo: Photo
+    error: ElementalError
+
+
+def _decode(photo: Photo) -> _Item | _Unreadable:
+    """The CPU-heavy part of ingesting (decode, resize, JPEG, hashes); runs in worker threads."""
     try:
         img = bounded(open_image_bytes(photo.data, photo.name, max_side=MAX_SIDE), MAX_SIDE)
     except ElementalError as e:
-        tally.reject(photo.source, photo.source_id, "unreadable", str(e))
-        log.warning("%s", e)
+        return _Unreadable(photo, e)
+    sha = hashlib.sha256(photo.data).hexdigest()
+    return _Item(photo, sha, encode_jpeg(img), img.width, img.height, perceptual_hash(img), thumbnail(img))
+
+
+def _decoded(photos: Iterator[Photo], workers: int) -> Iterator[_Item | _Unreadable]:
+    """`_decode` over `photos` in a thread pool (Pillow releases the GIL), in order, a bounded window ahead."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window: deque[Future] = deque()
+        for photo in photos:
+            window.append(pool.submit(_decode, photo))
+            if len(window) > 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task) -> _Item | None:
+    """De-duplicate one decoded photo and take its known label; None (reason tallied) when dropped."""
+    if isinstance(item, _Unreadable):
+        tally.reject(item.photo.source, item.photo.source_id, "unreadable", str(item.error))
+        log.warning("%s", item.error)
         return None
-    jpeg = encode_jpeg(img)
-    phash = perceptual_hash(img)
-    why = dedup.check(hashlib.sha256(jpeg).hexdigest(), phash=phash)
+    jpeg_sha = hashlib.sha256(item.jpeg).hexdigest()
+    why = dedup.check(item.sha256, jpeg_sha, phash=item.phash)
     if why:
         tally.drop(why)
         return None
-    dedup.add(original_sha, hashlib.sha256(jpeg).hexdigest(), phash=phash)
-    item = _Item(photo, original_sha, jpeg, img.width, img.height, phash)
+    dedup.add(item.sha256, jpeg_sha, phash=item.phash)
+    photo = item.photo
     if photo.label is not None:
         task.check_label(photo.label)
         item.element = photo.label
@@ -189,7 +214,7 @@ class _Labeler:
                              "no cached answer (--relabel-only never asks the teacher)")
             elif a.status != "ok":
                 tally.reject(item.photo.source, item.photo.source_id, "teacher", a.reject_reason or "rejected",
-                             item.sheet().thumb_jpeg)
+                             item.thumb)
             else:
                 item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
 
@@ -206,25 +231,30 @@ class _Labeler:
             self._teacher.close()
 
 
-def _photos(cfg: PrepareConfig, task: Task, tally: _Tally, skip_ids: set[str]) -> Iterator[Photo]:
-    """Every source's photos in turn; rejects are tallied and the run goes on."""
-    streams = [
-        open_source(spec, task, queries=cfg.queries, num_images=_source_cap(cfg, task),
-                    unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url,
-                    skip_ids=skip_ids)
-        for spec in cfg.sources  # every spec is checked before any photo is read
-    ]
+def _open_streams(cfg: PrepareConfig, task: Task) -> list[PhotoStream]:
+    """Every source, checked before any photo is read (a bad spec fails before anything is paid)."""
+    streams: list[PhotoStream] = []
     try:
-        for stream in streams:
-            for x in stream:
-                if isinstance(x, Rejected):
-                    tally.reject(x.source, x.source_id, x.kind, x.reason)
-                else:
-                    yield x
-            tally.notes += stream.notes
-    finally:
+        for spec in cfg.sources:
+            streams.append(open_source(
+                spec, task, queries=cfg.queries, num_images=_source_cap(cfg, task),
+                unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url,
+            ))
+    except BaseException:
         for stream in streams:
             stream.close()
+        raise
+    return streams
+
+
+def _photos(streams: list[PhotoStream], tally: _Tally) -> Iterator[Photo]:
+    """Every source's photos in turn; rejects are tallied and the run goes on."""
+    for stream in streams:
+        for x in stream:
+            if isinstance(x, Rejected):
+                tally.reject(x.source, x.source_id, x.kind, x.reason)
+            else:
+                yield x
 
 
 def _source_cap(cfg: PrepareConfig, task: Task) -> int:
@@ -268,6 +298,37 @@ def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
     return sum(counts.values()) >= cfg.num_images
 
 
+def _collect(
+    photos: Iterator[Photo], cfg: PrepareConfig, task: Task, dedup: _Dedup, tally: _Tally, labeler: _Labeler
+) -> list[_Item]:
+    """Ingest photos; label the unlabelled ones in chunks, and only while the targets are not met yet."""
+    items: list[_Item] = []
+    pending: list[_Item] = []
+    chunk = max(32, cfg.num_workers * 8)
+    for decoded in _decoded(photos, DECODE_WORKERS):
+        item = _admit(decoded, dedup, tally, task)
+        if item is None:
+            continue
+        (items if item.element is not None else pending).append(item)
+        if len(pending) < chunk:
+            continue
+        if _enough(items, cfg, task):
+            tally.drop("not_needed", len(pending))
+            pending.clear()
+            if cfg.per_class_target is not None:
+                break
+            continue
+        labeler.label(pending, tally)
+        items += pending
+        pending.clear()
+    if pending and not _enough(items, cfg, task):
+        labeler.label(pending, tally)
+        items += pending
+    else:
+        tally.drop("not_needed", len(pending))
+    return items
+
+
 def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[str, Any]:
     """Build the dataset at `cfg.output_dir` from `cfg.sources`; returns the metadata it wrote."""
     output_dir = Path(cfg.output_dir)
@@ -277,57 +338,40 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
     if any(s.strip().lower().startswith("unsplash") for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
-    items: list[_Item] = []
-    pending: list[_Item] = []
-    chunk = max(32, cfg.num_workers * 8)
+    streams = _open_streams(cfg, task)
     try:
-        for photo in _photos(cfg, task, tally, skip_ids=set()):
-            item = _ingest(photo, dedup, tally, task)
-            if item is None:
-                continue
-            (items if item.element is not None else pending).append(item)
-            if len(pending) >= chunk:
-                # Unlabelled photos are only paid for while the targets are not met yet.
-                if _enough(items, cfg, task):
-                    tally.drop("not_needed", len(pending))
-                    pending.clear()
-                    if cfg.per_class_target is not None:
-                        break
-                    continue
-                labeler.label(pending, tally)
-                items += pending
-                pending.clear()
-        if pending and not _enough(items, cfg, task):
-            labeler.label(pending, tally)
-            items += pending
-        elif pending:
-            tally.drop("not_needed", len(pending))
-        teacher_report = labeler.report()
+        try:
+            items = _collect(_photos(streams, tally), cfg, task, dedup, tally, labeler)
+            teacher_report = labeler.report()
+        finally:
+            labeler.close()
+        kept = _select(items, cfg, task, tally)
+        if not kept:
+            raise ElementalError(f"no photos kept from sources {cfg.sources} (dropped: {dict(tally.dropped)})")
+        records = [i.record() for i in kept]
+        train, val = stratified_split(records, cfg.val_fraction, cfg.seed)
+        if not val:
+            raise ElementalError(
+                f"too few photos for a validation split ({len(records)} kept; a class needs at least 2)")
+        tally.notes += [note for stream in streams for note in stream.notes]  # e.g. a rate-limit stop
+        metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path)
+        with atomic_dir(output_dir) as tmp:
+            (tmp / "images").mkdir()
+            for item, rec in zip(kept, records, strict=True):
+                (tmp / rec.image_path).write_bytes(item.jpeg)  # atomic as part of the whole folder swap
+            save_split(tmp / "train.json", train)
+            save_split(tmp / "val.json", val)
+            write_json_atomic(tmp / "metadata.json", metadata)
+            write_text_atomic(tmp / "report.html", report_html(
+                task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet, tally.rejected_sheet,
+                _summary(metadata),
+            ))
+        for item in kept:  # e.g. Unsplash download tracking: exactly once per kept photo, after it is saved
+            if item.photo.on_kept is not None:
+                item.photo.on_kept()
     finally:
-        labeler.close()
-
-    kept = _select(items, cfg, task, tally)
-    if not kept:
-        raise ElementalError(f"no photos kept from sources {cfg.sources} (dropped: {dict(tally.dropped)})")
-    records = [i.record() for i in kept]
-    train, val = stratified_split(records, cfg.val_fraction, cfg.seed)
-    if not val:
-        raise ElementalError(f"too few photos for a validation split ({len(records)} kept; a class needs at least 2)")
-    metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path)
-    with atomic_dir(output_dir) as tmp:
-        (tmp / "images").mkdir()
-        for item, rec in zip(kept, records, strict=True):
-            (tmp / rec.image_path).write_bytes(item.jpeg)  # atomic as part of the whole folder swap
-        save_split(tmp / "train.json", train)
-        save_split(tmp / "val.json", val)
-        write_json_atomic(tmp / "metadata.json", metadata)
-        write_text_atomic(tmp / "report.html", report_html(
-            task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet, tally.rejected_sheet,
-            _summary(metadata),
-        ))
-    for item in kept:  # e.g. Unsplash download tracking: exactly once per kept photo, after it is saved
-        if item.photo.on_kept is not None:
-            item.photo.on_kept()
+        for stream in streams:
+            stream.close()
     for note in tally.notes:
         say(note)
     _warn_imbalance(metadata, say)
@@ -384,6 +428,7 @@ def _metadata(
         "n_val": len(val),
         "dropped": dict(tally.dropped),
         "rejected": tally.rejected,
+        "notes": tally.notes,
         "min_confidence": cfg.min_confidence,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
