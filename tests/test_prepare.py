@@ -100,6 +100,9 @@ def test_duplicates_dropped(tree: Path, tmp_path: Path):
     Image.new("RGB", (300, 200), (250, 90, 0)).save(nested / "new.webp")  # recursive, WebP
     meta = _prepare(tree, tmp_path / "ds")
     assert meta["dropped"]["duplicate"] + meta["dropped"].get("near_duplicate", 0) == 4
+    # Folders are read in name order: land/copy.jpg comes first, so both water copies are the duplicates.
+    assert {d["source_id"] for d in meta["duplicates"]} == {
+        "water/water_0000.jpg", "water/copy.jpg", "land/resaved.png", "land/resaved.bmp"}
     # One copy of each photo is kept (the first met); the new WebP deep inside fire/ is found.
     assert sum(meta["counts"]["total"].values()) == len(TASK.labels) * PER_CLASS + 1
     assert meta["counts"]["total"]["fire"] == PER_CLASS + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -110,41 +111,56 @@ def test_missing_api_key_is_one_line(tmp_path):
     assert res.returncode == 2 and "OPENAI_API_KEY is not set" in res.stderr
 
 
-def test_unsplash_photos_labelled_and_tracked_once_per_kept_photo(tmp_path, server):
-    from test_sources import KEY as UNSPLASH_KEY
+def _photo_unsplash():
+    """The Unsplash fake of test_sources, serving a distinct synthetic photo per id (flat-colour
+    images would all be near duplicates), started on loopback."""
     from test_sources import FakeUnsplash, Server
 
     class PhotoUnsplash(FakeUnsplash):
-        """Serves a distinct synthetic photo per id (flat-colour images would all be near duplicates)."""
-
         def app(self, req):
             if req.path.startswith("/img/"):
                 self.image_widths.append(req.query.get("w", ""))
                 pid = req.path.rsplit("/", 1)[1].removesuffix(".jpg")
-                rng = np.random.default_rng(sum(map(ord, pid)))
+                seed = int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16)
                 buf = io.BytesIO()
-                synthetic_photo(LABELS[sum(map(ord, pid)) % 5], rng, size=(320, 240)).save(buf, "JPEG")
+                synthetic_photo(LABELS[seed % 5], np.random.default_rng(seed), size=(320, 240)).save(buf, "JPEG")
                 return 200, {"Content-Type": "image/jpeg"}, buf.getvalue()
             return super().app(req)
 
     fake = PhotoUnsplash()
     web = Server(fake.app)
     fake.base = web.url
+    return fake, web
+
+
+def _prepare_unsplash(tmp_path, server, fake, *extra):
+    from test_sources import KEY as UNSPLASH_KEY
+
+    os.environ["UNSPLASH_ACCESS_KEY"] = UNSPLASH_KEY
     try:
-        env_key = {"UNSPLASH_ACCESS_KEY": UNSPLASH_KEY}
-        os.environ.update(env_key)
-        res = _prepare(tmp_path, "--source", "unsplash", "--query", "ocean", "--query", "forest",
-                       "--num_images", "12", "--unsplash-api-url", fake.base, "--output_dir", "ds",
-                       "--labeler-base-url", server.base_url, "--label-cache", "c.sqlite",
-                       "--min_confidence", "0.5")
+        return _prepare(tmp_path, "--source", "unsplash", "--query", "ocean", "--query", "forest",
+                        "--unsplash-api-url", fake.base, "--output_dir", "ds", "--labeler-base-url",
+                        server.base_url, "--label-cache", "c.sqlite", "--min_confidence", "0.5", *extra)
     finally:
         os.environ.pop("UNSPLASH_ACCESS_KEY", None)
+
+
+def _kept(tmp_path) -> list[dict]:
+    return [r for split in ("train", "val") for r in json.loads((tmp_path / "ds" / f"{split}.json").read_text())]
+
+
+def test_unsplash_photos_labelled_and_tracked_once_per_kept_photo(tmp_path, server):
+    from test_sources import KEY as UNSPLASH_KEY
+
+    fake, web = _photo_unsplash()
+    try:
+        res = _prepare_unsplash(tmp_path, server, fake, "--num_images", "12")
+    finally:
         web.stop()
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Unsplash" in res.stdout  # the terms note is printed
     meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
-    records = json.loads((tmp_path / "ds" / "train.json").read_text()) + json.loads(
-        (tmp_path / "ds" / "val.json").read_text())
+    records = _kept(tmp_path)
     kept = {r["source_id"] for r in records}
     assert len(kept) == meta["n_train"] + meta["n_val"] <= 12
     assert dict(fake.tracked) == {pid: 1 for pid in kept}  # exactly the kept photos, once each
@@ -153,6 +169,26 @@ def test_unsplash_photos_labelled_and_tracked_once_per_kept_photo(tmp_path, serv
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert UNSPLASH_KEY.encode() not in p.read_bytes() and KEY.encode() not in p.read_bytes(), p
+
+
+def test_unsplash_rate_limit_stop_then_rerun_continues(tmp_path, server):
+    fake, web = _photo_unsplash()
+    try:
+        fake.budget = 8  # the API's remaining calls: the first run stops cleanly with what it has
+        first = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20")
+        assert first.returncode == 0, first.stderr[-2000:]
+        before = {r["source_id"] for r in _kept(tmp_path)}
+        assert 2 <= len(before) < 20
+        assert json.loads((tmp_path / "ds" / "metadata.json").read_text())["notes"]  # says it stopped early
+        fake.budget = 100  # the limit resets: a re-run continues instead of starting over
+        second = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20")
+        assert second.returncode == 0, second.stderr[-2000:]
+    finally:
+        web.stop()
+    after = {r["source_id"] for r in _kept(tmp_path)}
+    assert before < after and len(after) == 20
+    assert all(n == 1 for n in fake.tracked.values())  # no photo tracked twice across the runs
+    assert server.total_billed() == len(set(server.billed))  # and no photo labelled twice
 
 
 def test_per_class_target_stops_paying_once_every_class_is_full(tmp_path, server):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ..errors import ElementalError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
 from ..images import bounded, encode_jpeg, hamming, open_image_bytes, perceptual_hash
 from ..task import Task
-from .records import Record, save_split
+from .records import Record, load_split, save_split
 from .report import SheetEntry, report_html, thumbnail
 from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source
 from .split import class_counts, stratified_split
@@ -82,6 +83,7 @@ class _Tally:
 
     dropped: Counter = field(default_factory=Counter)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
     rejected_sheet: list[SheetEntry] = field(default_factory=list)
     low_confidence_sheet: list[SheetEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -155,6 +157,7 @@ def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task) 
     why = dedup.check(item.sha256, jpeg_sha, phash=item.phash)
     if why:
         tally.drop(why)
+        tally.duplicates.append({"source": item.photo.source, "source_id": item.photo.source_id, "why": why})
         return None
     dedup.add(item.sha256, jpeg_sha, phash=item.phash)
     photo = item.photo
@@ -231,14 +234,35 @@ class _Labeler:
             self._teacher.close()
 
 
-def _open_streams(cfg: PrepareConfig, task: Task) -> list[PhotoStream]:
+API_SOURCES = ("unsplash", "openverse")
+
+
+def _previous_photos(output_dir: Path, task: Task, cfg: PrepareConfig) -> list[Photo]:
+    """The API photos an earlier run of this dataset kept, so a re-run after a rate-limit stop continues.
+
+    They come back with their labels (no teacher call) and their source ids are skipped by the
+    sources (no second download, no second tracking call).
+    """
+    if not (output_dir / "metadata.json").is_file() or not any(s.split(":")[0] in API_SOURCES for s in cfg.sources):
+        return []
+    photos = []
+    for split in ("train", "val"):
+        for r in load_split(output_dir, split, task):
+            if r.source in API_SOURCES and r.source_id:
+                path = output_dir / r.image_path
+                photos.append(Photo(path.read_bytes(), r.source, r.source_id, r.element, r.reason, r.confidence,
+                                    r.attribution, location=str(path)))
+    return photos
+
+
+def _open_streams(cfg: PrepareConfig, task: Task, skip_ids: set[str]) -> list[PhotoStream]:
     """Every source, checked before any photo is read (a bad spec fails before anything is paid)."""
     streams: list[PhotoStream] = []
     try:
         for spec in cfg.sources:
             streams.append(open_source(
                 spec, task, queries=cfg.queries, num_images=_source_cap(cfg, task),
-                unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url,
+                unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url, skip_ids=skip_ids,
             ))
     except BaseException:
         for stream in streams:
@@ -263,8 +287,11 @@ def _source_cap(cfg: PrepareConfig, task: Task) -> int:
     return max(wanted * 2, wanted + 50)
 
 
-def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally) -> list[_Item]:
-    """Drop low-confidence items, then cap per class (per_class_target) and in total (num_images), balanced."""
+def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally, keep_first: set[str]) -> list[_Item]:
+    """Drop low-confidence items, then cap per class (per_class_target) and in total (num_images), balanced.
+
+    Photos an earlier run already kept (`keep_first`, by source id) are kept before new ones.
+    """
     per_label: dict[str, list[_Item]] = {label: [] for label in task.labels}
     for item in items:
         if item.element is None:
@@ -276,11 +303,13 @@ def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally) -
         per_label[item.element].append(item)
     rng = random.Random(cfg.seed)
     for label in task.labels:
-        per_label[label].sort(key=lambda i: i.sha256)
-        rng.shuffle(per_label[label])
+        mine = sorted(per_label[label], key=lambda i: i.sha256)
+        rng.shuffle(mine)
+        mine.sort(key=lambda i: i.photo.source_id not in keep_first)  # stable: earlier-kept first
         if cfg.per_class_target is not None:
-            tally.drop("over_per_class_target", len(per_label[label]) - cfg.per_class_target)
-            del per_label[label][cfg.per_class_target:]
+            tally.drop("over_per_class_target", len(mine) - cfg.per_class_target)
+            mine = mine[: cfg.per_class_target]
+        per_label[label] = mine[::-1]  # popped from the end below
     kept: list[_Item] = []
     while len(kept) < cfg.num_images and any(per_label.values()):
         for label in task.labels:  # round-robin: a balanced cap
@@ -338,14 +367,15 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
     if any(s.strip().lower().startswith("unsplash") for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
-    streams = _open_streams(cfg, task)
+    previous = _previous_photos(output_dir, task, cfg)
+    streams = _open_streams(cfg, task, {p.source_id for p in previous})
     try:
         try:
-            items = _collect(_photos(streams, tally), cfg, task, dedup, tally, labeler)
+            items = _collect(chain(previous, _photos(streams, tally)), cfg, task, dedup, tally, labeler)
             teacher_report = labeler.report()
         finally:
             labeler.close()
-        kept = _select(items, cfg, task, tally)
+        kept = _select(items, cfg, task, tally, {p.source_id for p in previous})
         if not kept:
             raise ElementalError(f"no photos kept from sources {cfg.sources} (dropped: {dict(tally.dropped)})")
         records = [i.record() for i in kept]
@@ -428,6 +458,7 @@ def _metadata(
         "n_val": len(val),
         "dropped": dict(tally.dropped),
         "rejected": tally.rejected,
+        "duplicates": tally.duplicates,
         "notes": tally.notes,
         "min_confidence": cfg.min_confidence,
         "val_fraction": cfg.val_fraction,
