@@ -99,6 +99,9 @@ class TrainConfig(_Section):
     report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
     wandb_project: str = "smolvlm-element-classification"
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=0)  # label-scoring validation every N steps (0: only at the end)
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    keep_best: bool = True  # lora_adapter/ is the adapter with the best val accuracy
     seed: int = 42
 
 

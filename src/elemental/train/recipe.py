@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ..classify.hf import HFClassifier
 from ..config import RunConfig
 from ..data.records import load_split
 from ..fileio import atomic_dir, write_json_atomic
 from ..images import open_image
 from ..model_io import load_processor, pick_device
 from ..task import Task
+from .callbacks import LabelEvalCallback
 from .collate import Collator
 from .examples import Example, build_examples
 
@@ -75,16 +76,6 @@ def load_model_for_training(base_model: str, device: torch.device):
 
     check_smolvlm_dir(base_model)
     return AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32).to(device)
-
-
-def validate_accuracy(model, processor, task: Task, records, dataset_dir: Path) -> dict:
-    """Label-scoring accuracy on records (the same scoring the `hf` backend ships)."""
-    clf = HFClassifier(model, processor, task)
-    model.eval()
-    correct = 0
-    for r in records:
-        correct += clf.classify(open_image(dataset_dir / r.image_path)).label == r.element
-    return {"accuracy": correct / len(records), "n": len(records)}
 
 
 def train(cfg: RunConfig, task: Task) -> dict:
@@ -141,18 +132,26 @@ def train(cfg: RunConfig, task: Task) -> dict:
         disable_tqdm=False,
         **_training_dtype_flags(cfg, device),
     )
+    best_dir = out / "checkpoints" / "best_adapter"
+    evaluator = LabelEvalCallback(
+        processor, task, val_records, [open_image(dataset_dir / r.image_path) for r in val_records],
+        best_dir, tc.eval_steps, tc.early_stopping_patience,
+    )
     trainer = Trainer(
         model=model, args=args, train_dataset=_Examples(examples),
-        data_collator=Collator(processor, dataset_dir),
+        data_collator=Collator(processor, dataset_dir), callbacks=[evaluator],
     )
+    evaluator.log_fn = trainer.log
     t0 = time.time()
     result = trainer.train()
     train_seconds = time.time() - t0
 
-    val = validate_accuracy(model, processor, task, val_records, dataset_dir)
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
     with atomic_dir(out / "lora_adapter") as tmp:
-        model.save_pretrained(tmp)
+        if tc.keep_best:
+            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+        else:
+            model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json_atomic(tmp / "task.json", {
             "labels": list(task.labels), "instruction": task.instruction,
@@ -164,10 +163,18 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
-        "val_accuracy": val["accuracy"],
+        # The accuracy of what lora_adapter/ holds (the best evaluation, or the last one).
+        "val_accuracy": evaluator.best_accuracy if tc.keep_best else evaluator.last["accuracy"],
+        "best_val_accuracy": evaluator.best_accuracy,
+        "best_step": evaluator.best_step,
+        "final_val_accuracy": evaluator.last["accuracy"],
+        "final_val_macro_f1": evaluator.last["macro_f1"],
+        "final_val_per_class": evaluator.last["per_class"],
+        "final_val_confusion_matrix": evaluator.last["confusion_matrix"],
+        "eval_history": evaluator.history,
         "n_train_records": len(train_records),
         "n_train_examples": len(examples),
-        "n_val": val["n"],
+        "n_val": len(val_records),
         "steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
         "trainable_parameters": n_trainable,

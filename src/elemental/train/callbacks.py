@@ -1,0 +1,77 @@
+"""Validation during training by label scoring (what ships), best-adapter keeping and early stopping.
+
+transformers' own evaluation computes the loss; what a user cares about is whether the model picks
+the right label. Every `eval_steps` this callback classifies the val photos exactly as the `hf`
+backend does (one pass, label log-probabilities), logs accuracy, macro-F1 and per-class
+precision/recall/F1 to every tracker, saves the adapter when accuracy improves and stops training
+after `patience` evaluations without improvement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image
+from transformers import TrainerCallback
+
+from ..classify.hf import HFClassifier
+from ..data.records import Record
+from ..evaluate import evaluate_predictions
+from ..task import Task
+
+log = logging.getLogger(__name__)
+
+
+def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Image.Image]) -> dict:
+    """accuracy / macro-F1 / per-class P/R/F1 of `model` on `records` by label scoring (model left in eval mode)."""
+    model.eval()
+    clf = HFClassifier(model, processor, task)
+    preds = [clf.classify(img) for img in images]
+    return evaluate_predictions(list(records), preds, task.labels, "hf", {})
+
+
+class LabelEvalCallback(TrainerCallback):
+    """Evaluate by label scoring every `eval_steps`; keep the best adapter in `best_dir`."""
+
+    def __init__(self, processor, task: Task, records: Sequence[Record], images: Sequence[Image.Image],
+                 best_dir: Path, eval_steps: int, patience: int | None):
+        self.processor, self.task, self.records, self.images = processor, task, records, images
+        self.best_dir, self.eval_steps, self.patience = Path(best_dir), eval_steps, patience
+        self.best_accuracy = -1.0
+        self.best_step = 0
+        self.last: dict | None = None
+        self.history: list[dict] = []
+        self._since_best = 0
+        self.log_fn: Callable[[dict[str, float]], None] | None = None  # Trainer.log: reaches W&B and the console
+
+    def _evaluate(self, args, state, control, model) -> None:
+        results = label_metrics(model, self.processor, self.task, self.records, self.images)
+        model.train()
+        logs = {"eval/accuracy": results["accuracy"], "eval/macro_f1": results["macro_f1"]}
+        for label, m in results["per_class"].items():
+            for key in ("precision", "recall", "f1"):
+                logs[f"eval/{label}/{key}"] = m[key]
+        self.history.append({"step": state.global_step, **logs})
+        self.last = results
+        if self.log_fn is not None:
+            self.log_fn(logs)
+        if results["accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_step, self._since_best = results["accuracy"], state.global_step, 0
+            model.save_pretrained(self.best_dir)
+        else:
+            self._since_best += 1
+            if self.patience is not None and self._since_best >= self.patience:
+                log.info("early stopping: no better val accuracy for %d evaluations", self.patience)
+                control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self._evaluate(args, state, control, model)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        if not self.history or self.history[-1]["step"] != state.global_step:
+            self._evaluate(args, state, control, model)
+        return control
