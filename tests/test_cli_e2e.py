@@ -48,7 +48,7 @@ def test_training_validated_by_label_scoring_and_kept_the_best(demo_dir):
     metrics = json.loads((demo_dir / "run/metrics.json").read_text())
     history = metrics["eval_history"]
     assert len(history) >= 2 and history[-1]["step"] == metrics["steps"]
-    assert metrics["val_accuracy"] == metrics["best_val_accuracy"] == max(h["eval/accuracy"] for h in history)
+    assert metrics["val_accuracy"] == metrics["best_val_accuracy"] == max(h["eval_accuracy"] for h in history)
     assert metrics["best_val_accuracy"] >= 0.9
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"] / 10  # the loss falls
     assert set(metrics["final_val_per_class"]) == {"water", "land", "fire", "wood", "metal"}

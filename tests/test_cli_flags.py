@@ -51,3 +51,16 @@ def test_prepare_through_seed_aliases(tmp_path, task):
 
     meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
     assert meta["n_train"] + meta["n_val"] == 15 and meta["min_confidence"] == 0.5
+
+
+def test_sweep_parameters_are_train_flags():
+    from pathlib import Path
+
+    import yaml
+
+    sweep = yaml.safe_load((Path(__file__).parents[1] / "configs/sweep.yaml").read_text())
+    assert sweep["command"][1:3] == ["elemental", "train"]
+    assert {f"--{p}" for p in sweep["parameters"]} <= _options("train")
+    # W&B passes --name=value: the CLI takes that form.
+    res = CliRunner().invoke(app, ["train", "--lora_r=x"])
+    assert res.exit_code == 2 and "lora" in res.output

@@ -102,6 +102,7 @@ class TrainConfig(_Section):
     eval_steps: int = Field(50, ge=0)  # label-scoring validation every N steps (0: only at the end)
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
     keep_best: bool = True  # lora_adapter/ is the adapter with the best val accuracy
+    resume: bool = False  # continue from the last checkpoint in output_dir/checkpoints
     seed: int = 42
 
 

@@ -49,10 +49,11 @@ class LabelEvalCallback(TrainerCallback):
     def _evaluate(self, args, state, control, model) -> None:
         results = label_metrics(model, self.processor, self.task, self.records, self.images)
         model.train()
-        logs = {"eval/accuracy": results["accuracy"], "eval/macro_f1": results["macro_f1"]}
+        # "eval_" keys: transformers' trackers file them under eval/ (W&B: eval/accuracy, the sweep metric).
+        logs = {"eval_accuracy": results["accuracy"], "eval_macro_f1": results["macro_f1"]}
         for label, m in results["per_class"].items():
             for key in ("precision", "recall", "f1"):
-                logs[f"eval/{label}/{key}"] = m[key]
+                logs[f"eval_{label}_{key}"] = m[key]
         self.history.append({"step": state.global_step, **logs})
         self.last = results
         if self.log_fn is not None:

@@ -78,6 +78,18 @@ def load_model_for_training(base_model: str, device: torch.device):
     return AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32).to(device)
 
 
+def _last_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` folder (None: nothing to resume, start from scratch)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    if last is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", folder)
+    return last
+
+
 def train(cfg: RunConfig, task: Task) -> dict:
     """Run the training recipe described in the module docstring; returns the metrics written."""
     from peft import LoraConfig, get_peft_model
@@ -143,7 +155,8 @@ def train(cfg: RunConfig, task: Task) -> dict:
     )
     evaluator.log_fn = trainer.log
     t0 = time.time()
-    result = trainer.train()
+    resumed_from = _last_checkpoint(out / "checkpoints") if tc.resume else None
+    result = trainer.train(resume_from_checkpoint=resumed_from)
     train_seconds = time.time() - t0
 
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
@@ -176,6 +189,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "n_train_examples": len(examples),
         "n_val": len(val_records),
         "steps": trainer.state.global_step,
+        "resumed_from": resumed_from,
         "train_seconds": round(train_seconds, 1),
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
