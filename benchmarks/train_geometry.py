@@ -93,7 +93,8 @@ class GeometryResult:
     preprocess_s: dict[str, float] = field(default_factory=dict)  # photo -> processor seconds
     warmup_s: float = 0.0
     step_s: list[tuple[str, float]] = field(default_factory=list)  # (photo, seconds) per timed step
-    peak_rss: int = 0
+    peak_rss: int = 0  # highest RSS seen during a timed step
+    step_mem: int = 0  # highest (peak RSS - RSS before the step) over timed steps
 
     @property
     def median_step(self) -> float:
@@ -123,34 +124,55 @@ def encode_all(processor, task: Task, photos: dict, label: str, res: GeometryRes
     return batches
 
 
-def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
-    """One forward + backward + AdamW step at batch size 1; returns wall seconds."""
-    t0 = time.perf_counter()
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
-
-
-def run_geometry(model, processor, task: Task, photos: dict, label: str, steps: int, res: GeometryResult) -> None:
-    batches = encode_all(processor, task, photos, label, res)
-    names = list(batches)
-    for name in names:
-        print(f"  {res.name:<10} {name}: {res.tokens[name]:>5} image tokens, {res.passes[name]:>2} vision passes, "
-              f"seq {res.seq_len[name]:>5}, preprocess {res.preprocess_s[name]:.2f} s", flush=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
+def train_step(model, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
+    """One forward + backward + AdamW step at batch size 1: (wall seconds, peak RSS, peak RSS - RSS before)."""
     with PeakRSS() as mem:
-        res.warmup_s = train_step(model, optimizer, batches[names[0]])
-        print(f"  {res.name:<10} warm-up step ({names[0]}): {res.warmup_s:.2f} s", flush=True)
-        for i in range(steps):
+        before = mem.peak
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+    return seconds, mem.peak, mem.peak - before
+
+
+class OtherLoad:
+    """CPU time other processes used while timing, as a share of all cores (contention makes timings noisy)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.proc = psutil.Process()
+        self.t0 = time.perf_counter()
+        self.sys0 = psutil.cpu_times()
+        self.own0 = self.proc.cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        sys1, own1 = psutil.cpu_times(), self.proc.cpu_times()
+        busy = (sys1.user + sys1.system + getattr(sys1, "nice", 0.0)) - (
+            self.sys0.user + self.sys0.system + getattr(self.sys0, "nice", 0.0))
+        own = (own1.user + own1.system) - (self.own0.user + self.own0.system)
+        self.share = max(0.0, busy - own) / (wall * (psutil.cpu_count() or 1))
+
+
+def run_steps(model, runs: list[tuple[GeometryResult, dict[str, dict]]], steps: int) -> None:
+    """Warm up each geometry once, then alternate their timed steps so background load hits both alike."""
+    optimizers = [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) for _ in runs]
+    model.train()
+    for (res, batches), opt in zip(runs, optimizers):
+        first = next(iter(batches))
+        res.warmup_s, _, _ = train_step(model, opt, batches[first])
+        print(f"  {res.name:<10} warm-up step ({first}): {res.warmup_s:.2f} s", flush=True)
+    for i in range(steps):
+        for (res, batches), opt in zip(runs, optimizers):
+            names = list(batches)
             name = names[i % len(names)]
-            s = train_step(model, optimizer, batches[name])
+            s, peak, delta = train_step(model, opt, batches[name])
             res.step_s.append((name, s))
-            print(f"  {res.name:<10} step {i + 1}/{steps} ({name}): {s:.2f} s", flush=True)
-    res.peak_rss = mem.peak
-    del optimizer
+            res.peak_rss, res.step_mem = max(res.peak_rss, peak), max(res.step_mem, delta)
+            print(f"  {res.name:<10} step {i + 1}/{steps} ({name}): {s:.2f} s, "
+                  f"peak RSS {peak / GiB:.2f} GiB (+{delta / GiB:.2f})", flush=True)
 
 
 def verdict(ok: bool) -> str:
@@ -214,10 +236,16 @@ def _bench(model_dir: Path, task: Task, label: str, args: argparse.Namespace, t_
 
     ours = GeometryResult("ours")
     hf = GeometryResult("HF default")
-    # Ours first: a cheap phase whose memory peak is not inflated by the default geometry's.
+    runs = []
     for res, proc in ((ours, ours_proc), (hf, hf_proc)):
-        print(f"{res.name}:", flush=True)
-        run_geometry(model, proc, task, photos, label, args.steps, res)
+        batches = encode_all(processor=proc, task=task, photos=photos, label=label, res=res)
+        for name in batches:
+            print(f"  {res.name:<10} {name}: {res.tokens[name]:>5} image tokens, {res.passes[name]:>2} vision passes, "
+                  f"seq {res.seq_len[name]:>5}, preprocess {res.preprocess_s[name]:.2f} s", flush=True)
+        runs.append((res, batches))
+    print(f"training steps (load average before: {', '.join(f'{x:.2f}' for x in os.getloadavg())}):", flush=True)
+    with OtherLoad() as other:
+        run_steps(model, runs, args.steps)
 
     # -- summary -----------------------------------------------------------------------------------
     print("\nimage tokens per training photo")
@@ -248,12 +276,16 @@ def _bench(model_dir: Path, task: Task, label: str, args: argparse.Namespace, t_
          f"{statistics.mean(ours.preprocess_s.values()):.2f}", "", "", ""),
         ("peak RSS during steps, GiB", f"{hf.peak_rss / GiB:.2f}", f"{ours.peak_rss / GiB:.2f}",
          f"{hf.peak_rss / ours.peak_rss:.2f}×", "", ""),
+        ("step memory (peak - before), GiB", f"{hf.step_mem / GiB:.2f}", f"{ours.step_mem / GiB:.2f}",
+         f"{hf.step_mem / max(ours.step_mem, 1):.1f}×", "", ""),
     ]
     header = ("metric", "HF default", "ours", "ratio", "target", "result")
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     for r in (header, *rows):
         cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
         print("  " + "  ".join(cells))
+    print(f"\nother processes used {other.share:.0%} of the CPUs while steps were timed"
+          + (" (timings are noisy: rerun on an idle machine)" if other.share > 0.1 else ""))
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
     return 0 if all(token_ok.values()) and step_ratio >= STEP_TARGET else 1
 

@@ -114,6 +114,8 @@ def train(
     report_to: Annotated[str | None, _opt("--report-to", "--report_to", help="wandb | tensorboard | none.")] = None,
     wandb_project: Annotated[str | None, _opt("--wandb-project", "--wandb_project", help="W&B project.")] = None,
     seed: Annotated[int | None, _opt("--seed", help="Random seed.")] = None,
+    logging_steps: Annotated[int | None, _opt("--logging-steps", "--logging_steps",
+                                              help="Log loss and learning rate every N steps.")] = None,
     eval_steps: Annotated[int | None, _opt("--eval-steps", "--eval_steps",
                                            help="Validate by label scoring every N steps.")] = None,
     resume: Annotated[bool | None, typer.Option("--resume", help="Continue from the last checkpoint.",
@@ -129,6 +131,7 @@ def train(
         "train.lora_r": lora_r, "train.lora_alpha": lora_alpha, "train.lora_dropout": lora_dropout,
         "train.bf16": bf16, "train.reason_mode": reason_mode, "train.report_to": report_to,
         "train.wandb_project": wandb_project, "train.seed": seed, "train.eval_steps": eval_steps,
+        "train.logging_steps": logging_steps,
         "train.resume": resume,
     })
     stage_train(cfg, task)

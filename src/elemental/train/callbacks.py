@@ -9,16 +9,18 @@ after `patience` evaluations without improvement.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image
 from transformers import TrainerCallback
 
 from ..classify.hf import HFClassifier
 from ..data.records import Record
-from ..evaluate import evaluate_predictions
+from ..evaluate import confusion_matrix_png, evaluate_predictions
 from ..task import Task
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,15 @@ def label_metrics(model, processor, task: Task, records: Sequence[Record], image
     clf = HFClassifier(model, processor, task)
     preds = [clf.classify(img) for img in images]
     return evaluate_predictions(list(records), preds, task.labels, "hf", {})
+
+
+def _wandb_confusion_matrix(cm: dict) -> None:
+    """The val confusion matrix as an image in the W&B run (the same PNG `evaluate --plot_cm` writes)."""
+    import wandb
+
+    if wandb.run is not None:
+        png = Image.open(io.BytesIO(confusion_matrix_png(cm)))
+        wandb.run.log({"eval/confusion_matrix": wandb.Image(png)}, commit=False)
 
 
 class LabelEvalCallback(TrainerCallback):
@@ -56,8 +67,12 @@ class LabelEvalCallback(TrainerCallback):
                 logs[f"eval_{label}_{key}"] = m[key]
         self.history.append({"step": state.global_step, **logs})
         self.last = results
+        if torch.cuda.is_available():
+            logs["eval_gpu_max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.log_fn is not None:
             self.log_fn(logs)
+        if "wandb" in (args.report_to or []):
+            _wandb_confusion_matrix(results["confusion_matrix"])
         if results["accuracy"] > self.best_accuracy:
             self.best_accuracy, self.best_step, self._since_best = results["accuracy"], state.global_step, 0
             model.save_pretrained(self.best_dir)
