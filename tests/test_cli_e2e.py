@@ -164,3 +164,22 @@ def test_unreadable_image_in_classify(tmp_path, demo_dir):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     res = elemental("classify", "--model_path", str(demo_dir / "gguf"), "broken.jpg", cwd=tmp_path)
     _one_line_error(res, "broken.jpg")
+
+
+def test_train_refuses_a_bad_record_before_loading_the_model(tmp_path, tiny_model_dir, task):
+    from elemental.config import PrepareConfig
+    from elemental.data.prepare import prepare_dataset
+    from elemental.synthetic import write_synthetic_photos
+
+    photos = write_synthetic_photos(tmp_path / "photos", task.labels, per_class=3, seed=2)
+    prepare_dataset(PrepareConfig(sources=[f"folder:{photos}"], output_dir=tmp_path / "ds",
+                                  label_cache=tmp_path / "c.sqlite"), task, say=lambda _: None)
+    val = json.loads((tmp_path / "ds" / "val.json").read_text())
+    val[1]["element"] = "lava"
+    (tmp_path / "ds" / "val.json").write_text(json.dumps(val))
+    args = ("train", "--dataset_dir", "ds", "--base_model", str(tiny_model_dir), "--output_dir", "run")
+    _one_line_error(elemental(*args, cwd=tmp_path), "val.json[1].element", "lava")
+    val[1]["element"], val[2]["image_path"] = "water", "images/missing.jpg"
+    (tmp_path / "ds" / "val.json").write_text(json.dumps(val))
+    _one_line_error(elemental(*args, cwd=tmp_path), "val.json[2].image_path", "missing.jpg")
+    assert not (tmp_path / "run" / "lora_adapter").exists()
