@@ -195,18 +195,9 @@ class LabelCache:
 
     def iter_labels(self, model: str | None = None, prompt_version: str | None = None) -> Iterator[CachedLabel]:
         """All cached verdicts (optionally for one teacher/prompt), e.g. to re-filter without paying again."""
-        sql, args = "SELECT * FROM labels", []
-        conds = []
-        if model is not None:
-            conds.append("model = ?")
-            args.append(model)
-        if prompt_version is not None:
-            conds.append("prompt_version = ?")
-            args.append(prompt_version)
-        if conds:
-            sql += " WHERE " + " AND ".join(conds)
+        where, args = _where(model, prompt_version)
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at, sha256", args).fetchall()
+            rows = self._db.execute(f"SELECT * FROM labels{where} ORDER BY created_at, sha256", args).fetchall()
         return (CachedLabel(*row) for row in rows)
 
     def stats(self, model: str | None = None, prompt_version: str | None = None) -> dict[str, int]:
@@ -215,14 +206,7 @@ class LabelCache:
             "SELECT COUNT(*), COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'rejected'), 0), "
             "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) FROM labels"
         )
-        conds, args = [], []
-        if model is not None:
-            conds.append("model = ?")
-            args.append(model)
-        if prompt_version is not None:
-            conds.append("prompt_version = ?")
-            args.append(prompt_version)
-        where = (" WHERE " + " AND ".join(conds)) if conds else ""
+        where, args = _where(model, prompt_version)
         with self._lock:
             entries, ok, rejected, tin, tout = self._db.execute(sql + where, args).fetchone()
             (batches,) = self._db.execute("SELECT COUNT(*) FROM batches" + where, args).fetchone()
@@ -290,6 +274,14 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _where(model: str | None, prompt_version: str | None) -> tuple[str, list[str]]:
+    """A WHERE clause (and its arguments) selecting one teacher and/or prompt version; "" for all."""
+    conds = [(col, v) for col, v in (("model", model), ("prompt_version", prompt_version)) if v is not None]
+    if not conds:
+        return "", []
+    return " WHERE " + " AND ".join(f"{col} = ?" for col, _ in conds), [v for _, v in conds]
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:

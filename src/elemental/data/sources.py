@@ -39,7 +39,6 @@ import httpx
 
 from .. import __version__
 from ..errors import ElementalError
-from ..fileio import read_json
 from ..images import IMAGE_SUFFIXES
 from ..task import Task
 from .records import load_split
@@ -280,11 +279,6 @@ def _json_source(spec: str, path: Path, task: Task, skip: frozenset[str]) -> Pho
     """
     if not path.is_file():
         raise ElementalError(f"json source not found: {path}")
-    data = read_json(path, "json source")
-    if not isinstance(data, list):
-        raise ElementalError(f"{path}: expected a JSON list of records (image_id, image_path, element, ...)")
-    if not data:
-        raise ElementalError(f"{path}: no records to import")
     # load_split's rules are the dataset's: the same checks and messages as for train.json.
     as_file = str(path) if ("/" in str(path) or str(path).endswith(".json")) else f"./{path}"
     records = load_split(path.parent, as_file, task, check_images=True)
