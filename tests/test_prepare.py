@@ -13,7 +13,8 @@ from elemental.config import PrepareConfig, TaskConfig
 from elemental.data.prepare import prepare_dataset
 from elemental.data.records import load_split
 from elemental.errors import ElementalError
-from elemental.images import open_image, save_jpeg, sha256_of_image_file
+from elemental.fileio import sha256_file
+from elemental.images import open_image
 from elemental.synthetic import write_synthetic_photos
 from elemental.task import Task
 
@@ -63,7 +64,7 @@ def test_writes_the_seed_layout(photos: Path, tmp_path: Path):
         assert r.image_path == f"images/{r.image_id}.jpg" and len(r.image_id) == 12
         assert r.source == "local" and r.labeler == "folder-name" and r.confidence == 1.0
         assert r.source_id.startswith(f"{r.element}/{r.element}_")
-        assert r.sha256 == sha256_of_image_file(photos / r.source_id)
+        assert r.sha256 == sha256_file(photos / r.source_id)
         assert r.image_id == r.sha256[:12]
         assert r.reason == f"a photo from the '{r.element}' folder"
     assert _leftovers(tmp_path, out) == []
@@ -213,14 +214,6 @@ def test_open_image_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # bomb guard trips above 2x this
     with pytest.raises(ElementalError, match=r"big\.png: refused as a possible decompression bomb"):
         open_image(tmp_path / "big.png")
-
-
-def test_save_jpeg_bounds_the_long_side(tmp_path: Path):
-    size = save_jpeg(Image.new("RGB", (600, 1500), (1, 2, 3)), tmp_path / "sub" / "x.jpg", max_side=300)
-    assert size == (120, 300)
-    with Image.open(tmp_path / "sub" / "x.jpg") as img:
-        assert img.format == "JPEG" and img.size == (120, 300)
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.jpg"]
 
 
 def test_hugging_face_export_loads_back(photos: Path, tmp_path: Path):

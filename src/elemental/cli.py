@@ -194,14 +194,13 @@ def evaluate(
     quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
 ) -> None:
     """Accuracy, per-class P/R/F1 and confusion matrix on a split, for an HF model or the GGUF files."""
-    from .pipeline import evaluate_model, is_gguf_path, open_classifier, task_for_model
+    from .pipeline import evaluate_model, open_classifier, task_for_model
 
     cfg, task = _load(config, {"train.dataset_dir": dataset_dir})
     path = model_path or cfg.merged_model_dir()
     task = task_for_model(path, task)
     clf = open_classifier(path, task, backend, lora_path, cfg.model.image_longest_edge, quant)
-    default = "validation_results_gguf.json" if (backend or ("gguf" if is_gguf_path(path) else "hf")) == "gguf" \
-        else "validation_results.json"
+    default = "validation_results.json" if clf.backend == "hf" else f"validation_results_{clf.backend}.json"
     evaluate_model(clf, cfg.train.dataset_dir, split, task, output_path or Path(default), plot_cm)
 
 

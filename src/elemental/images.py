@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 from .errors import ElementalError
-from .fileio import sha256_file, write_bytes_atomic
 
 
 def _register_heif() -> bool:
@@ -234,24 +233,6 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=True)
     return buf.getvalue()
-
-
-def save_jpeg(img: Image.Image, path: Path, max_side: int = 1024, quality: int = 90) -> tuple[int, int]:
-    """Save `img` as a JPEG with its long side bounded by `max_side`, atomically; returns (width, height)."""
-    small = bounded(img, max_side)
-    write_bytes_atomic(path, encode_jpeg(small, quality))
-    return small.size
-
-
-def sha256_of_image_file(path: Path) -> str:
-    """sha256 of the photo file's bytes: the photo's identity (dataset ids, duplicate checks, label cache)."""
-    path = Path(path)
-    try:
-        return sha256_file(path)
-    except FileNotFoundError:
-        raise ElementalError(f"image not found: {path}") from None
-    except OSError as e:
-        raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 # -- near duplicates --------------------------------------------------------------------------------

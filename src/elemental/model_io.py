@@ -14,10 +14,6 @@ import torch
 from .errors import ElementalError
 
 
-def is_local_model_dir(path: str | Path) -> bool:
-    return Path(path).is_dir()
-
-
 def check_smolvlm_dir(path: str | Path) -> None:
     """Fail with one line unless `path` is a hub id or a folder holding a SmolVLM config."""
     p = Path(path)

@@ -14,7 +14,6 @@ and the answer is " {label}<end_of_utterance>".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -90,9 +89,3 @@ class Task:
         """True when one forward pass decides the label: every label starts with its own token."""
         firsts = [ids[0] for ids in self.label_token_ids(tokenizer)]
         return len(set(firsts)) == len(firsts)
-
-    def labels_from(self, names: Sequence[str]) -> list[int]:
-        """Map label names to their index in `labels`, with a clear error for an unknown one."""
-        for n in names:
-            self.check_label(n)
-        return [self.labels.index(n) for n in names]

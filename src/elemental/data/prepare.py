@@ -174,8 +174,12 @@ class _Labeler:
     """Labels items with the teacher (or, with `relabel_only`, from its cache alone)."""
 
     def __init__(self, cfg: PrepareConfig, task: Task):
+        from .labeling import prompt_version
+
         self.cfg, self.task = cfg, task
         self.cache_path = (cfg.label_cache or DEFAULT_LABEL_CACHE).expanduser()
+        # The cache key and the records' `labeler` tag: the same version the Teacher computes.
+        self.prompt_version = prompt_version(task, detail=cfg.detail)
         self._teacher = None
 
     @property
@@ -192,11 +196,9 @@ class _Labeler:
 
     def _from_cache_only(self, items: list[_Item]) -> dict[str, Any]:
         from .label_cache import LabelCache
-        from .labeling import prompt_version
 
-        pv = prompt_version(self.task, detail=self.cfg.detail)
         with LabelCache(self.cache_path) as cache:
-            return cache.get_many([i.sha256 for i in items], self.cfg.labeler_model, pv)
+            return cache.get_many([i.sha256 for i in items], self.cfg.labeler_model, self.prompt_version)
 
     def label(self, items: list[_Item], tally: _Tally) -> None:
         """Fill in element/reason/confidence; rejected or (relabel-only) uncached items get element None."""
@@ -209,7 +211,7 @@ class _Labeler:
             answers = self.teacher.label_batch(photos)
         else:
             answers = self.teacher.label_many(photos)
-        tag = f"{self.cfg.labeler_model}@{self._prompt_version()}"
+        tag = f"{self.cfg.labeler_model}@{self.prompt_version}"
         for item in items:
             a = answers.get(item.sha256)
             if a is None:
@@ -220,11 +222,6 @@ class _Labeler:
                              item.thumb)
             else:
                 item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
-
-    def _prompt_version(self) -> str:
-        from .labeling import prompt_version
-
-        return prompt_version(self.task, detail=self.cfg.detail)
 
     def report(self) -> dict[str, Any] | None:
         return None if self._teacher is None else self._teacher.report()

@@ -6,7 +6,6 @@ see the same photos and prompt; max |Δlogit| is printed and written to the outp
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,8 +97,3 @@ def merge(
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
 
-
-def load_task_file(model_dir: Path) -> dict | None:
-    """The task a model was trained for (written by train, carried by merge), if recorded."""
-    p = Path(model_dir) / "task.json"
-    return json.loads(p.read_text()) if p.is_file() else None
