@@ -8,7 +8,8 @@ from elemental.cli import app
 SEED_ALIASES = {
     "prepare": ["--output_dir", "--num_images", "--min_confidence"],
     "train": ["--dataset_dir", "--output_dir", "--batch_size", "--gradient_accumulation_steps", "--num_epochs",
-              "--learning_rate", "--lora_r", "--lora_alpha", "--bf16", "--wandb_project", "--base_model"],
+              "--learning_rate", "--lora_r", "--lora_alpha", "--bf16", "--wandb_project", "--base_model",
+              "--load_in_8bit", "--load_in_4bit", "--lora_targets", "--full_finetune", "--max_steps", "--seed"],
     "merge": ["--base_model", "--lora_path", "--output_path"],
     "export": ["--model_path", "--output_dir"],
     "evaluate": ["--model_path", "--dataset_dir", "--output_path", "--plot_cm"],

@@ -9,7 +9,7 @@ from elemental.data.records import Record
 from elemental.synthetic import synthetic_photo
 from elemental.train.collate import IGNORE_INDEX, Collator, encode_example
 from elemental.train.examples import build_examples
-from elemental.train.recipe import LORA_TARGETS
+from elemental.train.targets import lora_target_regex
 
 
 def _records(n=20):
@@ -93,7 +93,7 @@ def test_lora_targets_hit_text_and_connector_never_vision(tiny_model_dir):
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    hit = [n for n in names if re.fullmatch(LORA_TARGETS, n)]
+    hit = [n for n in names if re.fullmatch(lora_target_regex(), n)]
     assert hit and not any("vision" in n for n in hit)
     assert any("connector" in n for n in hit)
     assert {n.rsplit(".", 1)[1] for n in hit if "text_model" in n} == {

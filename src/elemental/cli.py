@@ -120,8 +120,37 @@ def train(
                                            help="Validate by label scoring every N steps.")] = None,
     resume: Annotated[bool | None, typer.Option("--resume", help="Continue from the last checkpoint.",
                                                 show_default=False)] = None,
+    lora_targets: Annotated[str | None, _opt("--lora-targets", "--lora_targets", help=(
+        "Comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (text model), connector, "
+        "vision; or re:REGEX. Default: all text projections + connector."))] = None,
+    full_finetune: Annotated[bool | None, typer.Option("--full-finetune", "--full_finetune", help=(
+        "Train connector + text model fully instead of LoRA (vision tower frozen)."), show_default=False)] = None,
+    load_in_8bit: Annotated[bool | None, typer.Option("--load-in-8bit", "--load_in_8bit", help=(
+        "8-bit base via bitsandbytes (CUDA only)."), show_default=False)] = None,
+    load_in_4bit: Annotated[bool | None, typer.Option("--load-in-4bit", "--load_in_4bit", help=(
+        "4-bit NF4 base via bitsandbytes, QLoRA (CUDA only)."), show_default=False)] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory (default on).",
+        show_default=False)] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help=(
+        "Random resized crop, flip, brightness/contrast/saturation jitter (default off)."), show_default=False)]
+    = None,
+    warmup_ratio: Annotated[float | None, _opt("--warmup-ratio", "--warmup_ratio", help="Warm-up share.")] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", "--weight_decay", help="AdamW decay.")] = None,
+    rationale_ratio: Annotated[float | None, _opt("--rationale-ratio", "--rationale_ratio",
+                                                  help="multitask: share of records also taught their reason.")]
+    = None,
+    context_dropout: Annotated[float | None, _opt("--context-dropout", "--context_dropout",
+                                                  help="context: share of examples without the reason.")] = None,
+    early_stopping_patience: Annotated[int | None, _opt(
+        "--early-stopping-patience", "--early_stopping_patience",
+        help="Stop after N evaluations without better val accuracy.")] = None,
+    keep_best: Annotated[bool | None, typer.Option("--keep-best/--keep-last", help=(
+        "Ship the best val-accuracy checkpoint (default) or the last."), show_default=False)] = None,
+    merge_final: Annotated[bool | None, typer.Option("--merge-final/--no-merge-final", help=(
+        "Write OUTPUT/final, the adapter merged into the base (default on)."), show_default=False)] = None,
 ) -> None:
-    """LoRA fine-tune on dataset/: writes lora_adapter/, logs/, checkpoints/ and metrics.json."""
+    """Fine-tune on dataset/ (LoRA by default): writes lora_adapter/, final/, logs/, checkpoints/, metrics.json."""
     from .pipeline import stage_train
 
     cfg, task = _load(config, {
@@ -131,8 +160,14 @@ def train(
         "train.lora_r": lora_r, "train.lora_alpha": lora_alpha, "train.lora_dropout": lora_dropout,
         "train.bf16": bf16, "train.reason_mode": reason_mode, "train.report_to": report_to,
         "train.wandb_project": wandb_project, "train.seed": seed, "train.eval_steps": eval_steps,
-        "train.logging_steps": logging_steps,
-        "train.resume": resume,
+        "train.logging_steps": logging_steps, "train.resume": resume,
+        "train.lora_targets": lora_targets.split(",") if lora_targets else None,
+        "train.full_finetune": full_finetune, "train.load_in_8bit": load_in_8bit, "train.load_in_4bit": load_in_4bit,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.augment": augment,
+        "train.warmup_ratio": warmup_ratio, "train.weight_decay": weight_decay,
+        "train.rationale_ratio": rationale_ratio, "train.context_dropout": context_dropout,
+        "train.early_stopping_patience": early_stopping_patience, "train.keep_best": keep_best,
+        "train.merge_final": merge_final,
     })
     stage_train(cfg, task)
 

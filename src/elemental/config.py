@@ -91,8 +91,15 @@ class TrainConfig(_Section):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # None: the text model's attention + MLP projections and the connector (train.targets explains the names).
+    lora_targets: list[str] | None = None
+    full_finetune: bool = False  # train the connector + text model fully instead of LoRA (vision tower frozen)
+    load_in_8bit: bool = False  # QLoRA-style base quantization with bitsandbytes (CUDA only)
+    load_in_4bit: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = True
+    augment: bool = False  # random resized crop, flip, brightness/contrast/saturation (never hue: colour is the signal)
+    merge_final: bool = True  # write OUTPUT/final (adapter merged into the base, as `elemental merge` does)
     reason_mode: Literal["multitask", "context", "none"] = "multitask"
     rationale_ratio: float = Field(0.5, ge=0, le=1)
     context_dropout: float = Field(0.5, ge=0, le=1)
@@ -104,6 +111,16 @@ class TrainConfig(_Section):
     keep_best: bool = True  # lora_adapter/ is the adapter with the best val accuracy
     resume: bool = False  # continue from the last checkpoint in output_dir/checkpoints
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self) -> TrainConfig:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit exclude each other")
+        if self.full_finetune and (self.load_in_8bit or self.load_in_4bit):
+            raise ValueError("full_finetune trains full-precision weights: drop load_in_8bit/load_in_4bit")
+        if self.full_finetune and self.lora_targets is not None:
+            raise ValueError("lora_targets has no meaning with full_finetune")
+        return self
 
 
 class ExportConfig(_Section):

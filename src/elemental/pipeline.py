@@ -106,10 +106,21 @@ def check_photos(cfg: RunConfig, task: Task, n: int = 3) -> list:
 
 
 def stage_merge(cfg: RunConfig, task: Task, say: Say = print, lora_path: Path | None = None) -> dict:
-    from .export.merge import merge
+    """Merge the adapter into final/, unless final/ already holds this adapter merged (train merges at its end)."""
+    from .export.merge import merge, merged_from
 
     lora = Path(lora_path or Path(cfg.train.output_dir) / "lora_adapter")
     out = cfg.merged_model_dir()
+    manifest = merged_from(out, lora, cfg.model.base_model)
+    if manifest is None and not lora.exists() and (out / "manifest.json").is_file():
+        recorded = json.loads((out / "manifest.json").read_text())
+        if recorded.get("full_finetune"):
+            say(f"merge: {out} is a full fine-tune, nothing to merge")
+            return recorded
+    if manifest is not None:
+        say(f"merge: {out} already holds this adapter merged (max |Δlogit| "
+            f"{manifest['logits_check']['max_abs_diff']:.2e}); skipped")
+        return manifest
     manifest = merge(cfg.model.base_model, lora, out, task, check_photos(cfg, task))
     say(f"merge: {out} (max |Δlogit| adapter vs merged: {manifest['logits_check']['max_abs_diff']:.2e})")
     return manifest
@@ -236,7 +247,7 @@ def demo(out_dir: Path, per_class: int = 60, seed: int = 0, cfg: RunConfig | Non
         "agreement": agreement(hf, gg),
         "val_photos": hf["n"],
         "train_val_accuracy": results["stages"]["train"]["val_accuracy"],
-        "merge_max_abs_logit_diff": results["stages"]["merge"]["logits_check"]["max_abs_diff"],
+        "merge_max_abs_logit_diff": results["stages"]["merge"].get("logits_check", {}).get("max_abs_diff"),
         "latency_ms": {"hf": hf["latency_ms"], "gguf": gg["latency_ms"]},
         "gguf_files": {n: f["size_bytes"] for n, f in manifest["files"].items()},
         "seconds": {**results["seconds"], "total": round(time.time() - t0, 1)},

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import ElementalError
-from ..fileio import atomic_dir, read_json, write_json_atomic
+from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic
 from ..model_io import check_smolvlm_dir, load_model, load_processor, pick_device
 from ..synthetic import TINY_MARKER
 from ..task import Task
@@ -33,6 +33,23 @@ def _same_base(requested: str, recorded: str) -> bool:
         return True
     a, b = Path(requested), Path(recorded)
     return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def adapter_sha256(lora_path: Path) -> str:
+    """Identity of an adapter's weights: a merged folder records it, so the same merge is never redone."""
+    return sha256_file(Path(lora_path) / "adapter_model.safetensors")
+
+
+def merged_from(output_path: Path, lora_path: Path, base_model: str) -> dict | None:
+    """The merge manifest in `output_path` when it was merged from this very adapter and base, else None."""
+    manifest_path = Path(output_path) / "manifest.json"
+    weights = Path(lora_path) / "adapter_model.safetensors"
+    if not (manifest_path.is_file() and weights.is_file()):
+        return None
+    manifest = read_json(manifest_path, "merge manifest")
+    same = (manifest.get("stage") == "merge" and manifest.get("adapter_sha256") == adapter_sha256(lora_path)
+            and _same_base(str(base_model), str(manifest.get("base_model", ""))))
+    return manifest if same else None
 
 
 @torch.no_grad()
@@ -88,6 +105,7 @@ def merge(
             "stage": "merge",
             "base_model": str(base_model),
             "lora_path": str(lora_path),
+            "adapter_sha256": adapter_sha256(lora_path),
             "logits_check": {"n_images": len(check_images), "max_abs_diff": max_diff, "dtype": str(dtype)},
         }
         if max_diff > MAX_LOGIT_DIFF:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from ..classify.base import prediction_from_scores
 from ..classify.hf import HFClassifier
 from ..data.records import Record
 from ..evaluate import confusion_matrix_png, evaluate_predictions
@@ -27,11 +29,23 @@ log = logging.getLogger(__name__)
 
 
 def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Image.Image]) -> dict:
-    """accuracy / macro-F1 / per-class P/R/F1 of `model` on `records` by label scoring (model left in eval mode)."""
+    """accuracy / macro-F1 / per-class P/R/F1 of `model` on `records` by label scoring (model left in eval mode).
+
+    Also `loss`: the mean negative log-likelihood of the true label as the answer to the label
+    prompt (over the whole vocabulary, not just the labels), the val counterpart of the training
+    loss on label examples.
+    """
     model.eval()
     clf = HFClassifier(model, processor, task)
-    preds = [clf.classify(img) for img in images]
-    return evaluate_predictions(list(records), preds, task.labels, "hf", {})
+    preds, nll = [], []
+    for record, img in zip(records, images):
+        t0 = time.perf_counter()
+        scores = clf.label_logprobs(img)
+        preds.append(prediction_from_scores(task.labels, scores, (time.perf_counter() - t0) * 1000))
+        nll.append(-scores[task.labels.index(record.element)])
+    results = evaluate_predictions(list(records), preds, task.labels, "hf", {})
+    results["loss"] = sum(nll) / len(nll)
+    return results
 
 
 def _wandb_confusion_matrix(cm: dict) -> None:
@@ -61,7 +75,8 @@ class LabelEvalCallback(TrainerCallback):
         results = label_metrics(model, self.processor, self.task, self.records, self.images)
         model.train()
         # "eval_" keys: transformers' trackers file them under eval/ (W&B: eval/accuracy, the sweep metric).
-        logs = {"eval_accuracy": results["accuracy"], "eval_macro_f1": results["macro_f1"]}
+        logs = {"eval_loss": results["loss"], "eval_accuracy": results["accuracy"],
+                "eval_macro_f1": results["macro_f1"]}
         for label, m in results["per_class"].items():
             for key in ("precision", "recall", "f1"):
                 logs[f"eval_{label}_{key}"] = m[key]
@@ -82,12 +97,32 @@ class LabelEvalCallback(TrainerCallback):
                 log.info("early stopping: no better val accuracy for %d evaluations", self.patience)
                 control.should_training_stop = True
 
+    def on_train_begin(self, args, state, control, **kw):
+        """On resume, rebuild best/patience/history from the checkpoint's log history (saved atomically with it).
+
+        Without this a resumed run would forget its best accuracy, let a worse evaluation overwrite
+        the best adapter, and restart the early-stopping count.
+        """
+        self.history = [
+            {"step": h["step"], **{k: v for k, v in h.items() if k.startswith("eval_") and "gpu" not in k}}
+            for h in state.log_history if "eval_accuracy" in h
+        ]
+        self.best_accuracy, self.best_step, self._since_best = -1.0, 0, 0
+        for h in self.history:
+            if h["eval_accuracy"] > self.best_accuracy:
+                self.best_accuracy, self.best_step, self._since_best = h["eval_accuracy"], h["step"], 0
+            else:
+                self._since_best += 1
+        if self.history:
+            log.info("resumed: best val accuracy %.4f at step %d", self.best_accuracy, self.best_step)
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kw):
         if self.eval_steps and state.global_step % self.eval_steps == 0:
             self._evaluate(args, state, control, model)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        if not self.history or self.history[-1]["step"] != state.global_step:
+        if self.last is None or self.history[-1]["step"] != state.global_step:
             self._evaluate(args, state, control, model)
         return control

@@ -7,10 +7,11 @@ or the reason, and the end-of-utterance token), so prompt, image tokens and padd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..images import open_image
 from .examples import Example
@@ -33,18 +34,20 @@ def encode_example(processor, prompt: str, image, answer: str) -> dict[str, torc
 
 
 class Collator:
-    """Loads the photos of a batch, encodes each example, right-pads to the longest one."""
+    """Loads the photos of a batch (augmented when `augment` is given), encodes each example, right-pads."""
 
-    def __init__(self, processor, dataset_dir: Path):
+    def __init__(self, processor, dataset_dir: Path, augment: Callable[[Image.Image], Image.Image] | None = None):
         self.processor = processor
         self.dataset_dir = Path(dataset_dir)
         self.pad_id = processor.tokenizer.pad_token_id
+        self.augment = augment
+
+    def _photo(self, ex: Example) -> Image.Image:
+        image = open_image(self.dataset_dir / ex.image_path)
+        return self.augment(image) if self.augment is not None else image
 
     def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        items = [
-            encode_example(self.processor, ex.prompt, open_image(self.dataset_dir / ex.image_path), ex.answer)
-            for ex in batch
-        ]
+        items = [encode_example(self.processor, ex.prompt, self._photo(ex), ex.answer) for ex in batch]
         longest = max(len(it["input_ids"]) for it in items)
         n = len(items)
         input_ids = torch.full((n, longest), self.pad_id, dtype=torch.long)

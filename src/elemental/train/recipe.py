@@ -1,14 +1,16 @@
-"""`elemental train`: LoRA fine-tuning of SmolVLM with transformers' Trainer and PEFT (one recipe, one file).
+"""`elemental train`: fine-tuning SmolVLM with transformers' Trainer and PEFT (one recipe, one file).
 
-Reads `dataset/{train,val}.json`, trains LoRA adapters on the text model's attention and MLP
-projections and on the connector (never the vision tower, whose layers share names with the text
-model's), with the loss on the answer tokens only, and writes the seed's layout:
-`OUTPUT/lora_adapter/` (adapter + processor with the training geometry + task.json),
-`OUTPUT/logs/`, `OUTPUT/checkpoints/` and `OUTPUT/metrics.json`.
+Reads `dataset/{train,val}.json` and trains LoRA adapters (default: the text model's attention and
+MLP projections and the connector, never the vision tower by accident; `train.targets`), or with
+`full_finetune` the connector and text model themselves, with the loss on the answer tokens only.
+Writes the seed's layout: `OUTPUT/lora_adapter/` (adapter + processor with the training geometry +
+task.json), `OUTPUT/final/` (merged through the same code as `elemental merge`, or the fully
+fine-tuned model), `OUTPUT/logs/`, `OUTPUT/checkpoints/` and `OUTPUT/metrics.json`.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -17,24 +19,25 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from ..config import RunConfig
 from ..data.records import load_split
+from ..errors import ElementalError
 from ..fileio import atomic_dir, write_json_atomic
 from ..images import open_image
 from ..model_io import load_processor, pick_device
 from ..task import Task
+from .augment import make_augment
 from .callbacks import LabelEvalCallback
 from .collate import Collator
 from .examples import Example, build_examples
+from .targets import lora_target_regex
 
 log = logging.getLogger(__name__)
 
-# Text-model projections and the connector; anchored so SigLIP's q_proj/k_proj/... never match.
-LORA_TARGETS = (
-    r".*text_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-    r"|.*connector\.modality_projection\.proj"
-)
+# The default LoRA targets: text-model projections and the connector, anchored so SigLIP never matches.
+LORA_TARGETS = lora_target_regex()
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -68,14 +71,101 @@ def _training_dtype_flags(cfg: RunConfig, device: torch.device) -> dict[str, boo
     return {"bf16": False}
 
 
-def load_model_for_training(base_model: str, device: torch.device):
-    """fp32 master weights (bf16 comes from autocast), the same loader as the real model."""
+def training_device() -> torch.device:
+    """This process's device: its own GPU under torchrun / `accelerate launch` (LOCAL_RANK), else CUDA or CPU."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return pick_device()
+
+
+def load_model_for_training(base_model: str, device: torch.device, quantize: str | None = None,
+                            gradient_checkpointing: bool = False):
+    """fp32 master weights (bf16 comes from autocast), the same loader as the real model.
+
+    `quantize` ("8bit"/"4bit") loads the base through bitsandbytes for QLoRA-style training on small
+    GPUs; the vision tower and the LM head stay unquantized. bitsandbytes needs CUDA.
+    """
     from transformers import AutoModelForImageTextToText
 
     from ..model_io import check_smolvlm_dir
 
     check_smolvlm_dir(base_model)
-    return AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32).to(device)
+    if quantize is None:
+        return AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32).to(device)
+    if device.type != "cuda":
+        raise ElementalError(f"--load_in_{quantize} needs a CUDA GPU (bitsandbytes); this machine has none: "
+                             "drop the flag, LoRA on the full-precision model trains here in fp32")
+    try:
+        import bitsandbytes  # noqa: F401 - only checking that it is installed
+    except ImportError:
+        raise ElementalError(f"--load_in_{quantize} needs bitsandbytes: pip install bitsandbytes") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quant = BitsAndBytesConfig(
+        load_in_8bit=quantize == "8bit", load_in_4bit=quantize == "4bit",
+        bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=["vision_model", "lm_head"],
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        base_model, quantization_config=quant, dtype=compute, device_map={"": device.index or 0}
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def prepare_trainable(model, cfg: RunConfig):
+    """LoRA adapters on the configured targets, or (full fine-tune) everything but the vision tower.
+
+    Returns (model, description of what trains) for metrics.json.
+    """
+    tc = cfg.train
+    if tc.full_finetune:
+        for name, param in model.named_parameters():
+            param.requires_grad_(".vision_model." not in f".{name}")
+        if tc.learning_rate > 1e-4:
+            log.warning("full fine-tune with learning rate %g: LoRA's rates are usually too high here (try 2e-5)",
+                        tc.learning_rate)
+        return model, "full: connector + text model (vision tower frozen)"
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_regex(tc.lora_targets)
+    lora = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:  # PEFT: no module matched
+        raise ElementalError(f"lora_targets {tc.lora_targets or 'default'}: {e}") from None
+    if tc.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model, f"lora: {targets}"
+
+
+def _count_parameters(model) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _task_json(cfg: RunConfig, task: Task) -> dict:
+    """What later stages need to know about the task (carried by merge into final/)."""
+    return {
+        "labels": list(task.labels), "instruction": task.instruction,
+        "explain_instruction": task.explain_instruction,
+        "base_model": str(cfg.model.base_model), "image_longest_edge": cfg.model.image_longest_edge,
+    }
+
+
+class TrackedTrainer(Trainer):
+    """transformers' Trainer, plus peak GPU memory on each training log line (CUDA only).
+
+    Loss, grad norm, learning rate and tokens/s (`include_num_input_tokens_seen`) come from
+    transformers itself; the memory that decides a user's batch size is added here.
+    """
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and torch.cuda.is_available():
+            logs["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        super().log(logs, start_time)
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -92,28 +182,25 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 def train(cfg: RunConfig, task: Task) -> dict:
     """Run the training recipe described in the module docstring; returns the metrics written."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     tc = cfg.train
     dataset_dir, out = Path(tc.dataset_dir), Path(tc.output_dir)
     # Validate everything before the (slow) model load: a bad record fails in seconds.
     train_records = load_split(dataset_dir, "train", task)
     val_records = load_split(dataset_dir, "val", task)
+    if tc.lora_targets is not None:
+        lora_target_regex(tc.lora_targets)  # a bad target list fails before the model loads too
     set_seed(tc.seed)
-    device = pick_device()
+    device = training_device()
     processor = load_processor(cfg.model.base_model, longest_edge=cfg.model.image_longest_edge)
     if not task.first_tokens_unique(processor.tokenizer):
         log.info("labels share a first token: classifiers will score whole label continuations")
-    model = load_model_for_training(cfg.model.base_model, device)
-    lora = LoraConfig(
-        r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-        target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    if tc.gradient_checkpointing:
-        model.enable_input_require_grads()
-    n_trainable, n_total = model.get_nb_trainable_parameters()
+    quantize = "8bit" if tc.load_in_8bit else "4bit" if tc.load_in_4bit else None
+    model = load_model_for_training(cfg.model.base_model, device, quantize, tc.gradient_checkpointing)
+    model, trains = prepare_trainable(model, cfg)
+    n_trainable, n_total = _count_parameters(model)
+    log.info("training %s: %d of %d parameters", trains, n_trainable, n_total)
 
     examples = build_examples(
         train_records, task, tc.reason_mode, tc.rationale_ratio, tc.context_dropout, tc.seed
@@ -127,7 +214,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         num_train_epochs=tc.num_epochs,
         max_steps=tc.max_steps,
         learning_rate=tc.learning_rate,
-        warmup_steps=tc.warmup_ratio,
+        warmup_steps=tc.warmup_ratio,  # transformers 5: a float < 1 is a share of the total steps
         weight_decay=tc.weight_decay,
         lr_scheduler_type="cosine",
         logging_steps=tc.logging_steps,
@@ -137,7 +224,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         run_name=out.name,
         remove_unused_columns=False,
         activation_checkpointing=tc.gradient_checkpointing,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0,  # augmentation draws from torch's RNG, which checkpoints save
         dataloader_pin_memory=device.type == "cuda",
         include_num_input_tokens_seen="non_padding",
         seed=tc.seed,
@@ -150,38 +237,52 @@ def train(cfg: RunConfig, task: Task) -> dict:
         processor, task, val_records, [open_image(dataset_dir / r.image_path) for r in val_records],
         best_dir, tc.eval_steps, tc.early_stopping_patience,
     )
-    trainer = Trainer(
+    trainer = TrackedTrainer(
         model=model, args=args, train_dataset=_Examples(examples),
-        data_collator=Collator(processor, dataset_dir), callbacks=[evaluator],
+        data_collator=Collator(processor, dataset_dir, make_augment() if tc.augment else None),
+        callbacks=[evaluator],
     )
     evaluator.log_fn = trainer.log
     t0 = time.time()
     resumed_from = _last_checkpoint(out / "checkpoints") if tc.resume else None
     result = trainer.train(resume_from_checkpoint=resumed_from)
     train_seconds = time.time() - t0
-
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
-    with atomic_dir(out / "lora_adapter") as tmp:
-        if tc.keep_best:
-            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
-        else:
-            model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_json_atomic(tmp / "task.json", {
-            "labels": list(task.labels), "instruction": task.instruction,
-            "explain_instruction": task.explain_instruction,
-            "base_model": str(cfg.model.base_model), "image_longest_edge": cfg.model.image_longest_edge,
-        })
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    if tc.full_finetune:
+        _save_full_model(model, processor, cfg, task, best_dir if tc.keep_best else None, out / "final")
+    else:
+        with atomic_dir(out / "lora_adapter") as tmp:
+            if tc.keep_best:
+                shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+            else:
+                model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            write_json_atomic(tmp / "task.json", _task_json(cfg, task))
+    state, log_history = trainer.state, trainer.state.log_history
+    del trainer, model  # free the training copy before merge loads the base again
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    merged = None
+    if tc.merge_final and not tc.full_finetune:
+        from ..export.merge import merge
+
+        check = [open_image(dataset_dir / r.image_path) for r in val_records[:3]]
+        merged = merge(cfg.model.base_model, out / "lora_adapter", out / "final", task, check)
+
+    losses = [h["loss"] for h in log_history if "loss" in h]
     metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
-        # The accuracy of what lora_adapter/ holds (the best evaluation, or the last one).
+        # The accuracy of what lora_adapter/ (or final/) holds: the best evaluation, or the last one.
         "val_accuracy": evaluator.best_accuracy if tc.keep_best else evaluator.last["accuracy"],
         "best_val_accuracy": evaluator.best_accuracy,
         "best_step": evaluator.best_step,
         "final_val_accuracy": evaluator.last["accuracy"],
+        "final_val_loss": evaluator.last["loss"],
+        "best_val_loss": min((h["eval_loss"] for h in evaluator.history), default=None),
         "final_val_macro_f1": evaluator.last["macro_f1"],
         "final_val_per_class": evaluator.last["per_class"],
         "final_val_confusion_matrix": evaluator.last["confusion_matrix"],
@@ -189,15 +290,39 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "n_train_records": len(train_records),
         "n_train_examples": len(examples),
         "n_val": len(val_records),
-        "steps": trainer.state.global_step,
+        "steps": state.global_step,
         "resumed_from": resumed_from,
         "train_seconds": round(train_seconds, 1),
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(train_seconds, 1e-9), 1),
+        "tokens_per_second": round(state.num_input_tokens_seen / max(train_seconds, 1e-9), 1),
+        "trains": trains,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "device": str(device),
+        "precision": "bf16" if args.bf16 else "fp32",
+        "quantized_base": quantize,
         "reason_mode": tc.reason_mode,
+        "final": str(out / "final") if (merged or tc.full_finetune) else None,
+        "merge_max_abs_logit_diff": merged["logits_check"]["max_abs_diff"] if merged else None,
         "config": json.loads(cfg.train.model_dump_json()),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _save_full_model(model, processor, cfg: RunConfig, task: Task, best_dir: Path | None, final: Path) -> None:
+    """A full fine-tune has nothing to merge: final/ is the (best) model itself, laid out as merge lays it out."""
+    from ..synthetic import TINY_MARKER
+
+    with atomic_dir(final) as tmp:
+        if best_dir is not None:
+            shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+        else:
+            model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json_atomic(tmp / "task.json", _task_json(cfg, task))
+        marker = Path(cfg.model.base_model) / TINY_MARKER
+        if marker.is_file():
+            shutil.copyfile(marker, tmp / TINY_MARKER)
+        write_json_atomic(tmp / "manifest.json", {
+            "stage": "train", "full_finetune": True, "base_model": str(cfg.model.base_model),
+        })
