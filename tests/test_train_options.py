@@ -191,3 +191,15 @@ def test_full_finetune_writes_final_and_keeps_the_vision_tower(tmp_path, small_d
                      "--output_path", "res.json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "res.json").read_text())["n"] >= 5
+
+
+@pytest.mark.slow
+def test_missing_tracker_package_fails_before_training(tmp_path, small_dataset, tiny_model_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("trackio"):
+        pytest.skip("trackio is installed here")
+    res = _elemental(*_train_args(small_dataset, tiny_model_dir, "run"), "--report_to", "trackio",  # last wins
+                     cwd=tmp_path)
+    assert res.returncode == 2 and "pip install trackio" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

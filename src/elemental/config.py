@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     reason_mode: Literal["multitask", "context", "none"] = "multitask"
     rationale_ratio: float = Field(0.5, ge=0, le=1)
     context_dropout: float = Field(0.5, ge=0, le=1)
-    report_to: Literal["wandb", "tensorboard", "none"] = "wandb"
+    report_to: Literal["wandb", "tensorboard", "trackio", "none"] = "wandb"
     wandb_project: str = "smolvlm-element-classification"
     logging_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=0)  # label-scoring validation every N steps (0: only at the end)

@@ -51,10 +51,25 @@ class _Examples(torch.utils.data.Dataset):
         return self.examples[i]
 
 
+# What each tracker needs installed (wandb is a dependency; the others are the user's choice).
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",)}
+
+
 def _setup_tracking(cfg: RunConfig, logs_dir: Path) -> list[str]:
-    """W&B by default, offline when there is no API key (sync later with `wandb sync`)."""
-    if cfg.train.report_to != "wandb":
-        return [] if cfg.train.report_to == "none" else [cfg.train.report_to]
+    """W&B by default, offline when there is no API key (sync later with `wandb sync`).
+
+    A tracker whose package is missing fails here, before the model loads, with the pip command.
+    """
+    import importlib.util
+
+    tracker = cfg.train.report_to
+    if tracker == "none":
+        return []
+    if not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[tracker]):
+        raise ElementalError(f"--report_to {tracker} needs the {TRACKER_PACKAGES[tracker][0]} package: "
+                             f"pip install {TRACKER_PACKAGES[tracker][0]} (or --report_to none)")
+    if tracker != "wandb":
+        return [tracker]
     if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_PROJECT", cfg.train.wandb_project)
@@ -191,6 +206,8 @@ def train(cfg: RunConfig, task: Task) -> dict:
     val_records = load_split(dataset_dir, "val", task)
     if tc.lora_targets is not None:
         lora_target_regex(tc.lora_targets)  # a bad target list fails before the model loads too
+    logs_dir = out / "logs"
+    report_to = _setup_tracking(cfg, logs_dir)
     set_seed(tc.seed)
     device = training_device()
     processor = load_processor(cfg.model.base_model, longest_edge=cfg.model.image_longest_edge)
@@ -205,7 +222,6 @@ def train(cfg: RunConfig, task: Task) -> dict:
     examples = build_examples(
         train_records, task, tc.reason_mode, tc.rationale_ratio, tc.context_dropout, tc.seed
     )
-    logs_dir = out / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -220,7 +236,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         logging_steps=tc.logging_steps,
         save_strategy="epoch",
         save_total_limit=1,
-        report_to=_setup_tracking(cfg, logs_dir),
+        report_to=report_to,
         run_name=out.name,
         remove_unused_columns=False,
         activation_checkpointing=tc.gradient_checkpointing,
