@@ -81,6 +81,8 @@ def stage_train(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     from .train.recipe import train
 
     metrics = train(cfg, task)
+    if not metrics:  # a non-zero rank of a multi-GPU run: rank 0 reports
+        return metrics
     say(
         f"train: {cfg.train.output_dir} loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}, "
         f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s)"

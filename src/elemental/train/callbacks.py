@@ -90,7 +90,8 @@ class LabelEvalCallback(TrainerCallback):
             _wandb_confusion_matrix(results["confusion_matrix"])
         if results["accuracy"] > self.best_accuracy:
             self.best_accuracy, self.best_step, self._since_best = results["accuracy"], state.global_step, 0
-            model.save_pretrained(self.best_dir)
+            if state.is_world_process_zero:  # every rank scores the same model alike; one of them writes
+                model.save_pretrained(self.best_dir)
         else:
             self._since_best += 1
             if self.patience is not None and self._since_best >= self.patience:

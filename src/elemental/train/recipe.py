@@ -263,6 +263,8 @@ def train(cfg: RunConfig, task: Task) -> dict:
     resumed_from = _last_checkpoint(out / "checkpoints") if tc.resume else None
     result = trainer.train(resume_from_checkpoint=resumed_from)
     train_seconds = time.time() - t0
+    if not trainer.is_world_process_zero():
+        return {}  # multi-GPU: the other ranks are done; rank 0 writes the outputs and merges
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
 
     if tc.full_finetune:
