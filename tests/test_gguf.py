@@ -35,6 +35,8 @@ Q8_TOL = 0.3
 # The random tiny model has near-ties (HF top-2 gaps down to 0.02 on those 30 photos); Q8_0 may flip a
 # near-tie, so its answer must equal HF's wherever HF's margin is wider than twice Q8_0's worst error.
 Q8_DECIDED_GAP = 0.2
+# HF fp32 vs llama.cpp F16 mmproj image embeddings, relative to their largest magnitude.
+EMBED_TOL = 0.01
 # Sizes and aspect ratios: landscape, portrait, square, tiny, wide panorama, exactly one tile.
 PHOTO_SIZES = [(800, 450), (300, 640), (512, 512), (96, 120), (1000, 260), None]
 
@@ -124,7 +126,7 @@ def test_prompt_and_image_positions_match_hf(f16_dir, model_dir, task, photos):
     processor = load_processor(model_dir)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     with GGUFClassifier(f16_dir, quant="F16") as gg:
-        for img in photos[:3]:
+        for img in photos:
             enc = processor(text=[task.prompt()], images=[[img]], return_tensors="pt")
             ids = enc["input_ids"][0].tolist()
             first, last = ids.index(image_id), len(ids) - 1 - ids[::-1].index(image_id)
@@ -133,6 +135,42 @@ def test_prompt_and_image_positions_match_hf(f16_dir, model_dir, task, photos):
             gg._truncate(gg.n_prefix)
             n_image = gg._eval_overview(img, gg.n_prefix) - gg.n_prefix
             assert n_image == ids.count(image_id) == last + 1 - first == 64
+
+
+def _hf_image_embeddings(hf: HFClassifier, img) -> np.ndarray:
+    enc = hf.processor(text=[hf.prompt], images=[[img]], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.model.get_image_features(pixel_values=enc["pixel_values"],
+                                          pixel_attention_mask=enc["pixel_attention_mask"])
+    return out.pooler_output[0].float().numpy()
+
+
+def _letterboxed(img):
+    """The photo fitted into a square with padding: the plausible preprocessing that HF does *not* do."""
+    from PIL import Image, ImageOps
+
+    return ImageOps.pad(img, (512, 512), method=Image.Resampling.BICUBIC, color=(0, 0, 0))
+
+
+def test_preprocessing_parity_for_every_size(f16_dir, hf, photos):
+    """For each size and aspect ratio, libmtmd's overview is HF's one image: the same number of image tokens
+    and, within float tolerance, the same embeddings (resize, normalisation, vision tower and connector all
+    agree; both stretch the photo to one 512x512 tile). Letterboxing the photo instead, a preprocessing
+    mistake an app could make, lands far outside that tolerance, so the check can tell."""
+    with GGUFClassifier(f16_dir, quant="F16") as gg:
+        errors, letterboxed = [], []
+        for img in photos:
+            ref, ours = _hf_image_embeddings(hf, img), gg.image_embeddings(img)
+            assert ours.shape == ref.shape == (64, ref.shape[1])
+            scale = np.abs(ref).max()
+            errors.append(np.abs(ours - ref).max() / scale)
+            if img.width != img.height:
+                padded = _hf_image_embeddings(hf, _letterboxed(img))
+                letterboxed.append(np.abs(padded - ref).max() / scale)
+    print(f"image embeddings, max relative |Δ| HF vs llama.cpp per photo: {np.round(errors, 5).tolist()}; "
+          f"HF letterboxed vs HF: {np.round(letterboxed, 3).tolist()}")
+    assert max(errors) < EMBED_TOL
+    assert min(letterboxed) > 5 * EMBED_TOL
 
 
 # -- label probabilities -------------------------------------------------------------------------------
@@ -194,6 +232,17 @@ def test_folder_without_manifest_is_refused(tmp_path, f16_dir):
         GGUFClassifier(tmp_path / "missing")
 
 
+def test_file_changed_after_export_is_refused(tmp_path, f16_dir):
+    """Same name and size, different bytes (a file from another export, or a corrupt copy): the sha256 says so."""
+    shutil.copytree(f16_dir, tmp_path / "g")
+    mmproj = tmp_path / "g" / "mmproj-SmolVLM2-500M-Element-F16.gguf"
+    data = bytearray(mmproj.read_bytes())
+    data[-1] ^= 0xFF
+    mmproj.write_bytes(bytes(data))
+    with pytest.raises(ElementalError, match="sha256 .* differs from .*manifest.json"):
+        GGUFClassifier(tmp_path / "g", quant="F16")
+
+
 def test_missing_or_unexported_file_is_refused(tmp_path, f16_dir):
     shutil.copytree(f16_dir, tmp_path / "g")
     with pytest.raises(ElementalError, match="Q8_0"):
@@ -218,6 +267,9 @@ def test_export_refuses_bad_input(tmp_path, model_dir, task):
     cfg["image_processor"]["do_image_splitting"] = True
     (tiled / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ElementalError, match="not one 512-px image"):
+        export_gguf(tiled, tmp_path / "out", task)
+    (tiled / "processor_config.json").unlink()
+    with pytest.raises(ElementalError, match="has no processor"):
         export_gguf(tiled, tmp_path / "out", task)
     assert not (tmp_path / "out").exists()
 

@@ -153,6 +153,15 @@ def _pick_file(folder: Path, manifest: dict, role: str, quant: str | None = None
     return path
 
 
+def _checked_sha256(path: Path, manifest: dict) -> str:
+    """The file's sha256, which must be the manifest's: a file swapped in from another export is refused."""
+    digest = sha256_file(path)
+    if digest != manifest["files"][path.name].get("sha256"):
+        raise ElementalError(f"{path}: sha256 {digest[:12]}… differs from {path.parent / MANIFEST} "
+                             "(file changed or from another export; export again)")
+    return digest
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     top = float(logits.max())
     return logits - (top + math.log(float(np.exp(logits - top).sum())))
@@ -173,7 +182,8 @@ class GGUFClassifier:
         self.text_path = _pick_file(self.folder, m, "text", quant)
         self.mmproj_path = _pick_file(self.folder, m, "mmproj")
         self.n_threads = n_threads or os.cpu_count() or 1
-        self._files: dict[str, str] | None = None
+        # Checked before llama.cpp sees them (a phone app should do the same with the manifest's hashes).
+        self._files = {str(p): _checked_sha256(p, m) for p in (self.text_path, self.mmproj_path)}
         quiet_llama()
         self._open()
         self.prefix_ids = self._checked_tokens("prompt_prefix")
@@ -209,6 +219,7 @@ class GGUFClassifier:
             what = self.text_path if not ctx else self.mmproj_path
             raise ElementalError(f"llama.cpp could not start a context for {what}{llama_said()}")
         self._ctx, self._mctx, self.n_batch = ctx, mctx, n_ctx
+        self._n_embd = llama_cpp.llama_model_n_embd(model)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -233,8 +244,6 @@ class GGUFClassifier:
         self.close()
 
     def model_files(self) -> dict[str, str]:
-        if self._files is None:
-            self._files = {str(p): sha256_file(p) for p in (self.text_path, self.mmproj_path)}
         return dict(self._files)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -254,8 +263,9 @@ class GGUFClassifier:
         if not llama_cpp.llama_memory_seq_rm(self._mem, _SEQ, n_past, -1):
             raise ElementalError("llama.cpp could not roll back its KV cache")
 
-    def _eval_overview(self, image: Image.Image, n_past: int) -> int:
-        """Preprocess `image` with libmtmd and evaluate only its overview chunk at `n_past`."""
+    @contextmanager
+    def _overview(self, image: Image.Image) -> Iterator[object]:
+        """Preprocess `image` with libmtmd and yield its overview image chunk (freed on exit)."""
         rgb = image.convert("RGB")
         data = rgb.tobytes()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -269,16 +279,34 @@ class GGUFClassifier:
             if rc != 0:
                 raise ElementalError(
                     f"libmtmd could not preprocess a {rgb.size} image (code {rc}){llama_said()}")
-            chunk = self._overview_chunk(chunks)
+            yield self._overview_chunk(chunks)
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def _eval_overview(self, image: Image.Image, n_past: int) -> int:
+        """Evaluate only the overview chunk of `image` at `n_past`; returns the position after it."""
+        with self._overview(image) as chunk:
             new_n_past = llama_cpp.llama_pos(n_past)  # the helper adds to it for text chunks: start at n_past
             rc = mtmd_cpp.mtmd_helper_eval_chunk_single(
                 self._mctx, self._ctx, chunk, n_past, _SEQ, self.n_batch, False, ctypes.byref(new_n_past))
             if rc != 0:
                 raise ElementalError(f"libmtmd failed to evaluate the image (code {rc}){llama_said()}")
             return new_n_past.value
-        finally:
-            mtmd_cpp.mtmd_input_chunks_free(chunks)
-            mtmd_cpp.mtmd_bitmap_free(bitmap)
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """The overview's image embeddings (n_image_tokens × n_embd) that the text model receives.
+
+        HF's counterpart is the connector output of `get_image_features`: comparing the two checks
+        preprocessing (resize, normalisation), the vision tower and the connector in one go.
+        """
+        with self._overview(image) as chunk:
+            n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+            rc = mtmd_cpp.mtmd_encode_chunk(self._mctx, chunk)
+            if rc != 0:
+                raise ElementalError(f"libmtmd failed to encode the image (code {rc}){llama_said()}")
+            ptr = mtmd_cpp.mtmd_get_output_embd(self._mctx)
+            return np.ctypeslib.as_array(ptr, shape=(n_tokens * self._n_embd,)).reshape(n_tokens, -1).copy()
 
     def _overview_chunk(self, chunks) -> int:
         """The image chunk right after the overview's opening tokens (`<global-img>`), not the slice."""
