@@ -224,20 +224,80 @@ def evaluate(
     lora_path: Annotated[Path | None, _opt("--lora-path", "--lora_path", help="Adapter for an HF base.")] = None,
     dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir", help="Dataset folder.")] = None,
     split: Annotated[str, typer.Option("--split", help="val, train, or a JSON file.")] = "val",
-    output_path: Annotated[Path | None, _opt("--output-path", "--output_path", help="Results JSON.")] = None,
+    output_path: Annotated[Path | None, _opt("--output-path", "--output_path",
+                                             help="Results JSON (with --compare: the comparison JSON).")] = None,
     plot_cm: Annotated[bool, typer.Option("--plot-cm", "--plot_cm", help="Write confusion_matrix.png.")] = False,
     backend: BackendOpt = None,
     quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
+    baseline: Annotated[bool, typer.Option("--baseline", help=(
+        "Also evaluate the base model zero-shot with the same prompt (hf backend) into <results>_baseline.json "
+        "and print the lift."))] = False,
+    base_model: Annotated[str | None, _opt("--base-model", "--base_model", help=(
+        "The base for --baseline (default: the one recorded with the model)."))] = None,
+    compare: Annotated[tuple[Path, Path] | None, typer.Option("--compare", help=(
+        "Two results files side by side, with their label agreement; no model is loaded."),
+        metavar="A.json B.json", show_default=False)] = None,
+    min_accuracy: Annotated[float | None, _opt("--min-accuracy", "--min_accuracy", help=(
+        "Exit with code 1 when accuracy is below X (results are written first)."))] = None,
 ) -> None:
-    """Accuracy, per-class P/R/F1 and confusion matrix on a split, for an HF model or the GGUF files."""
-    from .pipeline import evaluate_model, open_classifier, task_for_model
+    """Accuracy, macro-F1, top-2, calibration (ECE), per-class P/R/F1, confusion matrix and latency on a split,
+    for an HF model or the GGUF files; or, with --compare, two results files side by side."""
+    if compare is not None:
+        given = [flag for flag, value in (("--model_path", model_path), ("--lora_path", lora_path),
+                                          ("--baseline", baseline), ("--base_model", base_model),
+                                          ("--min_accuracy", min_accuracy)) if value not in (None, False)]
+        if given:
+            raise ElementalError(f"--compare reads two results files and loads no model: drop {', '.join(given)}")
+        _compare_results_files(*compare, output_path)
+        return
+    if base_model is not None and not baseline:
+        raise ElementalError("--base_model is only used with --baseline")
+
+    from .data.records import load_split
+    from .evaluate import baseline_results_path, compare_results, format_comparison
+    from .pipeline import baseline_model, evaluate_baseline, evaluate_model, evaluation_task, open_classifier
 
     cfg, task = _load(config, {"train.dataset_dir": dataset_dir})
     path = model_path or cfg.merged_model_dir()
-    task = task_for_model(path, task)
+    task = evaluation_task(path, task, backend, lora_path)
+    # Everything that can be wrong with the input is checked before a model loads.
+    records = load_split(cfg.train.dataset_dir, split, task)
+    base = baseline_model(path, lora_path, base_model, backend) if baseline else None
     clf = open_classifier(path, task, backend, lora_path, cfg.model.image_longest_edge, quant)
     default = "validation_results.json" if clf.backend == "hf" else f"validation_results_{clf.backend}.json"
-    evaluate_model(clf, cfg.train.dataset_dir, split, task, output_path or Path(default), plot_cm)
+    out = output_path or Path(default)
+    results = evaluate_model(clf, cfg.train.dataset_dir, split, task, out, plot_cm, records=records)
+    if base is not None:
+        # The base sees the photo as the fine-tune did: a GGUF export's geometry is its manifest's.
+        longest = getattr(clf, "manifest", {}).get("image", {}).get("longest_edge", cfg.model.image_longest_edge)
+        base_results = evaluate_baseline(base, task, cfg.train.dataset_dir, split, baseline_results_path(out),
+                                         plot_cm, int(longest), records=records)
+        print(f"\nzero-shot base {base} vs fine-tuned {path} ({clf.backend}), {results['n']} photos:")
+        print(format_comparison(compare_results(base_results, results, latency=False),
+                                ("baseline", "fine-tuned", "lift")))
+    if min_accuracy is not None:
+        if results["accuracy"] < min_accuracy:
+            print(f"accuracy {results['accuracy']:.3f} < --min_accuracy {min_accuracy:g}", file=sys.stderr)
+            raise typer.Exit(code=1)
+        print(f"accuracy {results['accuracy']:.3f} >= --min_accuracy {min_accuracy:g}")
+
+
+def _compare_results_files(a: Path, b: Path, output_path: Path | None) -> None:
+    """`evaluate --compare A B`: the table, the label agreement and, with --output_path, the comparison JSON."""
+    from .evaluate import agreement, compare_results, format_comparison, load_results
+    from .fileio import write_json_atomic
+
+    ra, rb = load_results(a), load_results(b)
+    agree = agreement(ra, rb, (str(a), str(b)))
+    rows = compare_results(ra, rb)
+    n = len(ra["predictions"])
+    for name, path, r in (("A", a, ra), ("B", b, rb)):
+        print(f"{name}: {path} (backend {r.get('backend', 'n/a')}, {n} photos)")
+    print(format_comparison(rows, ("A", "B", "B - A")))
+    print(f"label agreement: {agree:.3f} on {n} photos")
+    if output_path is not None:
+        write_json_atomic(output_path, {"a": str(a), "b": str(b), "n": n, "agreement": agree, "rows": rows})
+        print(f"comparison -> {output_path}")
 
 
 def _photo_paths(inputs: list[str]) -> list[Path]:
@@ -282,13 +342,22 @@ def classify(
 
 
 @app.command()
-def run(config: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/default.toml.")]) -> None:
-    """Run the config's stages in order (prepare, train, merge, export, evaluate)."""
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/default.toml.")],
+    from_stage: Annotated[str | None, typer.Option("--from", help="Re-run from this stage to the end.")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
+) -> None:
+    """Run the config's stages in order (prepare, train, merge, export, evaluate); stages whose inputs and
+    outputs are unchanged since they last finished are skipped, an interrupted run continues."""
+    from .pipeline import format_summary
     from .pipeline import run as run_pipeline
 
+    if from_stage and only:
+        raise ElementalError("--from and --only exclude each other")
     cfg = load_config(config)
-    results = run_pipeline(cfg)
-    print(json.dumps({"seconds": results["seconds"]}))
+    results = run_pipeline(cfg, from_stage=from_stage, only=only)
+    print("\n".join(format_summary(results["summary"])))
+    print(f"summary: {Path(cfg.train.output_dir) / 'run_summary.json'}")
 
 
 @app.command()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from .classify.base import Classifier
 from .config import RunConfig
+from .data.records import Record
 from .errors import ElementalError
-from .fileio import write_json_atomic
-from .task import Task
+from .fileio import read_json, write_json_atomic
+from .task import BOS, IMAGE_TOKEN, Task
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -148,9 +149,13 @@ def default_results_path(cfg: RunConfig, backend: str) -> Path:
 
 def evaluate_model(
     classifier: Classifier, dataset_dir: Path, split: str, task: Task, output_path: Path, plot_cm: bool,
-    say: Say = print,
+    say: Say = print, records: list[Record] | None = None,
 ) -> dict:
-    """Classify every photo of a split and write validation_results.json (+ plots, error gallery)."""
+    """Classify every photo of a split and write validation_results.json (+ plots, error gallery).
+
+    `records` is the split already loaded and checked (the CLI reads it before loading a model, so
+    a bad split fails in a second, not after the model load); otherwise the split is read here.
+    """
     from tqdm import tqdm
 
     from .data.records import load_split
@@ -160,7 +165,8 @@ def evaluate_model(
     unknown = set(classifier.labels) ^ set(task.labels)
     if unknown:
         raise ElementalError(f"model labels {list(classifier.labels)} differ from the task's {list(task.labels)}")
-    records = load_split(Path(dataset_dir), split, task)
+    if records is None:
+        records = load_split(Path(dataset_dir), split, task)
     preds = [
         classifier.classify(open_image(Path(dataset_dir) / r.image_path))
         for r in tqdm(records, desc=f"evaluate ({classifier.backend})", unit="photo", leave=False)
@@ -169,6 +175,7 @@ def evaluate_model(
     write_results(results, output_path, Path(dataset_dir), plot_cm=plot_cm)
     say(
         f"evaluate ({classifier.backend}): accuracy {results['accuracy']:.3f}, macro-F1 {results['macro_f1']:.3f}, "
+        f"top-2 {results['top2_accuracy']:.3f}, ECE {results['ece']:.3f}, "
         f"p50 {results['latency_ms']['p50']:.1f} ms -> {output_path}"
     )
     return results
@@ -196,15 +203,225 @@ STAGES = {
 }
 
 
-def run(cfg: RunConfig, say: Say = print) -> dict:
-    """Run the config's stages in order; returns each stage's result and its wall time."""
+ORDER = list(STAGES)
+
+
+def _saved_result(name: str, cfg: RunConfig) -> dict:
+    """What a skipped stage would have returned, read back from the files it wrote."""
+    from .fileio import read_json
+
+    run_dir = Path(cfg.train.output_dir)
+    if name == "prepare":
+        return read_json(Path(cfg.prepare.output_dir) / "metadata.json", "dataset metadata")
+    if name == "train":
+        return read_json(run_dir / "metrics.json", "training metrics")
+    if name == "merge":
+        return read_json(cfg.merged_model_dir() / "manifest.json", "merge manifest")
+    if name == "export":
+        return read_json(Path(cfg.export.output_dir) / "manifest.json", "GGUF manifest")
+    return {b: read_json(default_results_path(cfg, b), "results") for b in cfg.evaluate.backends}
+
+
+def _stages_to_run(cfg: RunConfig, from_stage: str | None, only: str | None) -> tuple[list[str], bool]:
+    """(stages, forced): `--only` one stage, `--from` a stage to the end, else the config's stages."""
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise ElementalError(f"{flag} {value!r}: not a stage; choose from {ORDER}")
+    if only:
+        return [only], True
+    if from_stage:
+        return [s for s in cfg.stages if ORDER.index(s) >= ORDER.index(from_stage)], True
+    return list(cfg.stages), False
+
+
+def run(cfg: RunConfig, say: Say = print, from_stage: str | None = None, only: str | None = None) -> dict:
+    """Run the config's stages in order, skipping those whose inputs and outputs are unchanged (runstate).
+
+    `from_stage` / `only` force those stages to run. A training run that was interrupted resumes
+    from its last checkpoint. Returns each stage's result, wall times, what was skipped and the
+    run summary (also written to `<run>/run_summary.json`).
+    """
+    from .runstate import STATE_FILE, RunState, stage_inputs, stage_outputs
+
     task = Task.from_config(cfg.task)
-    results: dict = {"stages": {}, "seconds": {}}
-    for name in cfg.stages:
+    stages, forced = _stages_to_run(cfg, from_stage, only)
+    state = RunState(Path(cfg.train.output_dir) / STATE_FILE)
+    results: dict = {"stages": {}, "seconds": {}, "skipped": []}
+    for name in stages:
+        inputs = stage_inputs(name, cfg, state.hasher)
+        why = state.changed(name, inputs, stage_outputs(name, cfg, state.hasher))
+        if not why and not forced:
+            say(f"{name}: up to date, skipped")
+            results["stages"][name] = _saved_result(name, cfg)
+            results["skipped"].append(name)
+            continue
+        say(f"{name}: running ({'forced' if forced else ', '.join(why)})")
+        stage_cfg = cfg
+        if name == "train" and state.interrupted_with(name, inputs) and not cfg.train.resume:
+            say("train: resuming the interrupted run from its last checkpoint")
+            stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": True})})
+        state.started(name, inputs)
         t0 = time.time()
-        results["stages"][name] = STAGES[name](cfg, task, say)
+        results["stages"][name] = STAGES[name](stage_cfg, task, say)
         results["seconds"][name] = round(time.time() - t0, 1)
+        state.done(name, inputs, stage_outputs(name, cfg, state.hasher), time.time() - t0)
+    results["summary"] = run_summary(cfg, results)
+    write_json_atomic(Path(cfg.train.output_dir) / "run_summary.json", results["summary"])
     return results
+
+
+def run_summary(cfg: RunConfig, results: dict) -> dict:
+    """The figures a user checks after a run, from the files the stages wrote (run or skipped)."""
+    from .evaluate import agreement
+
+    out: dict = {"seconds": results["seconds"], "skipped": results["skipped"]}
+    got = results["stages"]
+    if "prepare" in got:
+        meta = got["prepare"]
+        teacher = meta.get("teacher") or {}
+        out["dataset"] = {"train": meta.get("n_train"), "val": meta.get("n_val"),
+                          "per_class": (meta.get("counts") or {}).get("total"),
+                          "teacher_cost_usd": teacher.get("estimated_cost_usd")}
+    if "train" in got:
+        m = got["train"]
+        out["train"] = {"seconds": m.get("train_seconds"), "val_accuracy": m.get("val_accuracy"),
+                        "steps": m.get("steps"), "tokens_per_second": m.get("tokens_per_second")}
+    if "export" in got:
+        out["gguf_files_mb"] = {n: round(f["size_bytes"] / 1e6, 1) for n, f in got["export"].get("files", {}).items()}
+    if "evaluate" in got:
+        ev = got["evaluate"]
+        out["val"] = {b: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "latency_ms": r["latency_ms"]}
+                      for b, r in ev.items()}
+        if "hf" in ev and "gguf" in ev:
+            out["val"]["hf_gguf_agreement"] = agreement(ev["hf"], ev["gguf"])
+    return out
+
+
+def format_summary(summary: dict) -> list[str]:
+    """The run summary as a few printable lines."""
+    lines = ["== elemental run summary =="]
+    if ds := summary.get("dataset"):
+        cost = ds["teacher_cost_usd"]
+        lines.append(f"dataset: {ds['train']} train / {ds['val']} val, per class {ds['per_class']}, "
+                     f"teacher cost {'n/a' if cost is None else f'${cost:.4f}'}")
+    if tr := summary.get("train"):
+        lines.append(f"train: {tr['steps']} steps in {tr['seconds']} s, val accuracy {tr['val_accuracy']:.3f}")
+    for backend, r in summary.get("val", {}).items():
+        if backend == "hf_gguf_agreement":
+            lines.append(f"HF <-> GGUF agreement: {r:.3f}")
+        else:
+            lines.append(f"val ({backend}): accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, "
+                         f"latency p50 {r['latency_ms']['p50']:.1f} ms / p95 {r['latency_ms']['p95']:.1f} ms")
+    if files := summary.get("gguf_files_mb"):
+        lines.append("files: " + ", ".join(f"{n} {mb} MB" for n, mb in files.items()))
+    lines.append(f"stage seconds: {summary['seconds']}; skipped (up to date): {summary['skipped'] or 'none'}")
+    return lines
+
+
+def evaluation_task(model_path: Path, fallback: Task, backend: str | None = None,
+                    lora_path: Path | None = None) -> Task:
+    """The task a model answers: a GGUF export's manifest, an adapter's or HF model's task.json, else `fallback`.
+
+    Evaluating with the model's own labels and prompt (not the config's) is what makes a score, and a
+    baseline asked "with the same prompt", mean what it says.
+    """
+    backend = backend or ("gguf" if is_gguf_path(model_path) else "hf")
+    if backend == "gguf":
+        from .classify.gguf import load_manifest
+
+        folder, manifest = load_manifest(model_path)
+        return task_from_manifest(manifest, folder / "manifest.json", fallback)
+    if lora_path is not None and (Path(lora_path) / "task.json").is_file():
+        return task_for_model(lora_path, fallback)
+    return task_for_model(model_path, fallback)
+
+
+def task_from_manifest(manifest: dict, where: Path, fallback: Task) -> Task:
+    """Rebuild the task from a GGUF manifest's labels and rendered prompt (it ships no instruction field).
+
+    The label prompt is `{BOS}User: {instruction}<image>...`; the rebuilt task must render that prompt
+    byte for byte, or the manifest was not written by this code. Only the label prompt is recovered:
+    the explain prompt is training-only, so `fallback`'s stands in.
+    """
+    prompt, labels = manifest.get("prompt"), manifest.get("labels")
+    head = f"{BOS}User: "
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise ElementalError(f"{where}: labels: expected a list of at least two label strings")
+    if not isinstance(prompt, str) or not prompt.startswith(head) or IMAGE_TOKEN not in prompt:
+        raise ElementalError(f"{where}: prompt: not an elemental label prompt ({head}...{IMAGE_TOKEN}...)")
+    task = Task(tuple(labels), prompt[len(head):prompt.index(IMAGE_TOKEN)], fallback.explain_instruction)
+    if task.prompt("label") != prompt:
+        raise ElementalError(f"{where}: prompt: does not have the layout of an elemental label prompt")
+    return task
+
+
+def baseline_model(model_path: Path, lora_path: Path | None = None, override: str | None = None,
+                   backend: str | None = None) -> str:
+    """The model a fine-tune started from, for `evaluate --baseline`, checked to be loadable.
+
+    Base + `--lora_path`: the base itself. A GGUF export: its manifest's `base_model`. A merged HF
+    folder: merge's manifest.json, else train's task.json. `override` (`--base_model`) beats them all,
+    for a recorded relative path or a base that has moved. Checked before any evaluation runs, so a
+    missing base costs a second, not a full evaluation of the fine-tune first.
+    """
+    model_path = Path(model_path)
+    backend = backend or ("gguf" if is_gguf_path(model_path) else "hf")
+    base: str | None = None
+    if override:
+        base, source = str(override), "--base_model"
+    elif lora_path is not None:
+        base, source = str(model_path), "--model_path (the base of --lora_path)"
+    elif backend == "gguf":
+        from .classify.gguf import load_manifest
+
+        folder, manifest = load_manifest(model_path)
+        base, source = manifest.get("base_model"), str(folder / "manifest.json")
+    else:
+        source = f"{model_path}/manifest.json or task.json"
+        for name in ("manifest.json", "task.json"):
+            if (model_path / name).is_file():
+                recorded = read_json(model_path / name, "model manifest")
+                base = recorded.get("base_model") if isinstance(recorded, dict) else None
+                if base:
+                    source = str(model_path / name)
+                    break
+    if not base or not isinstance(base, str):
+        raise ElementalError(f"no base_model recorded in {source}: pass --base_model for --baseline")
+    _check_loadable(base, source)
+    return base
+
+
+def _check_loadable(base: str, source: str) -> None:
+    """A local SmolVLM folder, or a hub id whose config can be fetched (or is cached when offline)."""
+    from .model_io import check_smolvlm_dir
+
+    if not Path(base).exists():
+        is_hub_id = base.count("/") == 1 and not base.startswith((".", "/"))
+        if not is_hub_id:
+            raise ElementalError(f"base model not found: {base} (recorded in {source}; a relative path is "
+                                 "from where the fine-tune ran): pass --base_model")
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ElementalError(f"base model {base!r} (from {source}) is neither a local folder nor loadable "
+                                 f"from the Hugging Face hub or its cache ({first[:160]}): pass --base_model") from None
+    check_smolvlm_dir(base)
+
+
+def evaluate_baseline(
+    base_model: str, task: Task, dataset_dir: Path, split: str, output_path: Path, plot_cm: bool,
+    longest_edge: int = 512, say: Say = print, records: list[Record] | None = None,
+) -> dict:
+    """Zero-shot: the base model asked the fine-tune's exact prompt and labels, through the `hf` backend.
+
+    What fine-tuning bought is the lift over this; the results file has the same keys and side files
+    as the fine-tune's.
+    """
+    clf = open_classifier(Path(base_model), task, "hf", longest_edge=longest_edge)
+    return evaluate_model(clf, dataset_dir, split, task, output_path, plot_cm, say, records=records)
 
 
 # -- demo ------------------------------------------------------------------------------------------
