@@ -27,3 +27,15 @@ def tiny_processor(tiny_model_dir):
     from elemental.model_io import load_processor
 
     return load_processor(tiny_model_dir, longest_edge=512)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """`elemental demo` run once through the real CLI (about a minute); its outputs serve many CLI tests."""
+    from cli_process import elemental
+
+    work = tmp_path_factory.mktemp("demo")
+    res = elemental("demo", "--output_dir", "out", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "HF <-> GGUF agreement" in res.stdout
+    return work / "out"

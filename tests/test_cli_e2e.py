@@ -7,32 +7,12 @@ the GGUF files through llama.cpp, and the two must agree on nearly every photo.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_process import elemental, one_line_error
 
 pytestmark = pytest.mark.slow
-
-
-def elemental(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "elemental", *args], cwd=cwd, env=env, input=stdin,
-        capture_output=True, text=True, timeout=1500,
-    )
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("demo")
-    res = elemental("demo", "--output_dir", "out", cwd=work)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "HF <-> GGUF agreement" in res.stdout
-    return work / "out"
 
 
 def test_demo_learns_and_ships_what_it_learned(demo_dir):
@@ -149,30 +129,22 @@ def test_mmproj_carries_the_fine_tuned_connector(demo_dir):
 
 # -- bad input: one line naming the thing, exit code 2, nothing half-written ------------------------
 
-def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_prepare_with_unknown_label_folder(tmp_path):
     (tmp_path / "photos" / "lava").mkdir(parents=True)
     res = elemental("prepare", "--source", "folder:photos", "--output_dir", "ds", cwd=tmp_path)
-    _one_line_error(res, "lava")
+    one_line_error(res, "lava")
     assert not (tmp_path / "ds").exists()
 
 
 def test_prepare_with_missing_folder(tmp_path):
-    _one_line_error(elemental("prepare", "--source", "folder:nope", "--output_dir", "ds", cwd=tmp_path), "nope")
+    one_line_error(elemental("prepare", "--source", "folder:nope", "--output_dir", "ds", cwd=tmp_path), "nope")
 
 
 def test_train_on_dataset_without_train_json(tmp_path, tiny_model_dir):
     (tmp_path / "ds").mkdir()
     res = elemental("train", "--dataset_dir", "ds", "--base_model", str(tiny_model_dir), "--output_dir", "run",
                     cwd=tmp_path)
-    _one_line_error(res, "train.json")
+    one_line_error(res, "train.json")
     assert not (tmp_path / "run" / "lora_adapter").exists()
 
 
@@ -180,7 +152,7 @@ def test_model_dir_that_is_not_a_smolvlm(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"model_type": "bert"}')
     res = elemental("export", "--model_path", "m", "--output_dir", "g", cwd=tmp_path)
-    _one_line_error(res, "not a SmolVLM")
+    one_line_error(res, "not a SmolVLM")
     assert not (tmp_path / "g").exists()
 
 
@@ -189,13 +161,13 @@ def test_gguf_folder_without_manifest(tmp_path):
     (tmp_path / "g" / "x.gguf").write_bytes(b"GGUF")
     (tmp_path / "p.png").write_bytes(b"")
     res = elemental("classify", "--model_path", "g", "p.png", cwd=tmp_path)
-    _one_line_error(res, "manifest")
+    one_line_error(res, "manifest")
 
 
 def test_unreadable_image_in_classify(tmp_path, demo_dir):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     res = elemental("classify", "--model_path", str(demo_dir / "gguf"), "broken.jpg", cwd=tmp_path)
-    _one_line_error(res, "broken.jpg")
+    one_line_error(res, "broken.jpg")
 
 
 def test_train_refuses_a_bad_record_before_loading_the_model(tmp_path, tiny_model_dir, task):
@@ -210,8 +182,8 @@ def test_train_refuses_a_bad_record_before_loading_the_model(tmp_path, tiny_mode
     val[1]["element"] = "lava"
     (tmp_path / "ds" / "val.json").write_text(json.dumps(val))
     args = ("train", "--dataset_dir", "ds", "--base_model", str(tiny_model_dir), "--output_dir", "run")
-    _one_line_error(elemental(*args, cwd=tmp_path), "val.json[1].element", "lava")
+    one_line_error(elemental(*args, cwd=tmp_path), "val.json[1].element", "lava")
     val[1]["element"], val[2]["image_path"] = "water", "images/missing.jpg"
     (tmp_path / "ds" / "val.json").write_text(json.dumps(val))
-    _one_line_error(elemental(*args, cwd=tmp_path), "val.json[2].image_path", "missing.jpg")
+    one_line_error(elemental(*args, cwd=tmp_path), "val.json[2].image_path", "missing.jpg")
     assert not (tmp_path / "run" / "lora_adapter").exists()

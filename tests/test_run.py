@@ -71,16 +71,16 @@ def _config(work: Path, base_model: Path, **train: object) -> Path:
     return cfg
 
 
-def _run(work: Path, *flags: str) -> tuple[list[str], str]:
-    """`elemental run run.toml FLAGS` in `work`: (stages that ran, stdout)."""
+def _run(work: Path, *flags: str, rc: int = 0) -> tuple[list[str], str]:
+    """`elemental run run.toml FLAGS` in `work`: (stages that ran, stdout + stderr)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     res = subprocess.run([sys.executable, "-m", "elemental", "run", "run.toml", *flags], cwd=work, env=env,
                          capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == rc, res.stderr[-3000:]
     ran = [m.group(1) for m in re.finditer(r"^(\w+): running", res.stdout, re.M)]
     skipped = [m.group(1) for m in re.finditer(r"^(\w+): up to date, skipped", res.stdout, re.M)]
     assert sorted(ran + skipped) == sorted(set(ran + skipped)), res.stdout
-    return ran, res.stdout
+    return ran, res.stdout + res.stderr
 
 
 @pytest.mark.slow
@@ -111,6 +111,15 @@ def test_run_skips_what_is_up_to_date_and_reruns_what_changed(tmp_path, tiny_mod
 
     ran, _ = _run(tmp_path, "--only", "evaluate")
     assert ran == ["evaluate"]
+    best = max(json.loads((tmp_path / "run" / f).read_text())["accuracy"]
+               for f in ("validation_results.json", "validation_results_gguf.json"))
+    assert best < 1.0, "4 steps should not make the tiny model perfect"
+    floor = round(best + 0.001, 4)
+    config = (tmp_path / "run.toml").read_text()
+    (tmp_path / "run.toml").write_text(config + f"min_accuracy = {floor}\n")
+    ran, out = _run(tmp_path, rc=1)  # a floor for CI: nothing re-runs, the exit code says "below"
+    assert ran == [] and f"below evaluate.min_accuracy {floor:g}" in out
+    (tmp_path / "run.toml").write_text(config)
     ran, _ = _run(tmp_path, "--from", "merge")
     assert ran == ["merge", "export", "evaluate"]
 

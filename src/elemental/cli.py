@@ -282,21 +282,28 @@ def evaluate(
         print(f"accuracy {results['accuracy']:.3f} >= --min_accuracy {min_accuracy:g}")
 
 
-def _compare_results_files(a: Path, b: Path, output_path: Path | None) -> None:
-    """`evaluate --compare A B`: the table, the label agreement and, with --output_path, the comparison JSON."""
-    from .evaluate import agreement, compare_results, format_comparison, load_results
+def _compare_results_files(a: Path, b: Path, output_path: Path | None, show: int = 10) -> None:
+    """`evaluate --compare A B`: the table, the label agreement, the first `show` photos they disagree on
+    and, with --output_path, the comparison JSON (with every disagreement)."""
+    from .evaluate import agreement, compare_results, disagreements, format_comparison, load_results
     from .fileio import write_json_atomic
 
     ra, rb = load_results(a), load_results(b)
     agree = agreement(ra, rb, (str(a), str(b)))
+    differ = disagreements(ra, rb)
     rows = compare_results(ra, rb)
     n = len(ra["predictions"])
     for name, path, r in (("A", a, ra), ("B", b, rb)):
         print(f"{name}: {path} (backend {r.get('backend', 'n/a')}, {n} photos)")
     print(format_comparison(rows, ("A", "B", "B - A")))
     print(f"label agreement: {agree:.3f} on {n} photos")
+    for d in differ[:show]:
+        print(f"  differ: {d['image_path']}: truth {d['element']}, A {d['a']}, B {d['b']}")
+    if len(differ) > show:
+        print(f"  ... and {len(differ) - show} more" + (f" (all in {output_path})" if output_path else ""))
     if output_path is not None:
-        write_json_atomic(output_path, {"a": str(a), "b": str(b), "n": n, "agreement": agree, "rows": rows})
+        write_json_atomic(output_path, {"a": str(a), "b": str(b), "n": n, "agreement": agree, "rows": rows,
+                                        "disagreements": differ})
         print(f"comparison -> {output_path}")
 
 
@@ -358,6 +365,13 @@ def run(
     results = run_pipeline(cfg, from_stage=from_stage, only=only)
     print("\n".join(format_summary(results["summary"])))
     print(f"summary: {Path(cfg.train.output_dir) / 'run_summary.json'}")
+    floor = cfg.evaluate.min_accuracy
+    below = {b: r["accuracy"] for b, r in (results["stages"].get("evaluate") or {}).items()
+             if floor is not None and r["accuracy"] < floor}
+    if below:
+        worst = ", ".join(f"{b} {acc:.3f}" for b, acc in below.items())
+        print(f"accuracy below evaluate.min_accuracy {floor:g}: {worst}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -137,6 +137,7 @@ class EvaluateConfig(_Section):
     output_path: Path | None = None  # default: <train.output_dir>/validation_results[_gguf].json
     plot_cm: bool = True
     threads: int | None = None
+    min_accuracy: float | None = Field(None, ge=0, le=1)  # `elemental run` exits 1 when a backend scores below
 
 
 class RunConfig(_Section):

@@ -5,6 +5,9 @@ tests share it; `write_results` writes the JSON and its side files. The side fil
 file's suffix (`validation_results_gguf.json` → `errors_gguf.html`), so HF and GGUF evaluations in
 one folder never overwrite each other's gallery or plot. The gallery embeds its thumbnails, so it
 can be mailed or archived on its own.
+
+`compare_results` / `format_comparison` put two results side by side (fine-tuned vs its zero-shot
+base for `evaluate --baseline`, HF vs GGUF or Q8_0 vs Q4_K_M for `evaluate --compare`).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from .classify.base import Prediction
 from .data.records import Record
 from .errors import ElementalError
-from .fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .fileio import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .images import bounded, encode_jpeg, open_image
 
 RESULTS_STEM = "validation_results"
 THUMB_SIDE = 192
+ECE_BINS = 10
 
 
 def evaluate_predictions(
@@ -41,6 +45,9 @@ def evaluate_predictions(
     `macro_f1` averages over the labels that occur in the truth or the predictions (scikit-learn's
     default): a label absent from both has no defined F1 and would otherwise count as 0.
     `per_class` lists every label, with support 0 where a label has no photos.
+    `confusion_matrix.normalized` divides each row by its support, so a rare class's errors read as
+    plainly as a common one's; a label without photos gets a row of zeros.
+    `top2_accuracy` and `ece` / `ece_bins` are described at `top_k_accuracy` and `calibration`.
     """
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
@@ -58,10 +65,19 @@ def evaluate_predictions(
         truth, predicted, labels=labels, zero_division=0
     )
     counts = confusion_matrix(truth, predicted, labels=labels)
+    rows = counts.sum(axis=1, keepdims=True)
+    normalized = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    scores = np.array([[p.probabilities.get(label, 0.0) for label in labels] for p in predictions], dtype=float)
+    truth_index = np.array([labels.index(t) for t in truth])
+    confidence = np.array([p.probabilities.get(p.label, 0.0) for p in predictions], dtype=float)
+    ece, ece_bins = calibration(confidence, np.array(truth) == np.array(predicted))
     latencies = np.array([p.ms for p in predictions], dtype=float)
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "top2_accuracy": top_k_accuracy(scores, truth_index, 2),
+        "ece": ece,
+        "ece_bins": ece_bins,
         "n": len(records),
         "per_class": {
             label: {
@@ -72,7 +88,11 @@ def evaluate_predictions(
             }
             for i, label in enumerate(labels)
         },
-        "confusion_matrix": {"labels": labels, "counts": counts.astype(int).tolist()},
+        "confusion_matrix": {
+            "labels": labels,
+            "counts": counts.astype(int).tolist(),
+            "normalized": normalized.tolist(),
+        },
         "predictions": [
             {
                 "image_path": r.image_path,
@@ -91,6 +111,40 @@ def evaluate_predictions(
             "p95": float(np.percentile(latencies, 95)),
         },
     }
+
+
+def top_k_accuracy(scores: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Share of rows whose true column is among the `k` highest scores; ties count in the truth's favour.
+
+    scikit-learn's `top_k_accuracy_score` gives the same value when there are no ties, but it breaks
+    ties by label order and refuses a two-label task; here the rule is explicit and any label count works.
+    """
+    true_scores = scores[np.arange(len(truth)), truth]
+    higher = (scores > true_scores[:, None]).sum(axis=1)
+    return float(np.mean(higher < k))
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-1 probability, over `n_bins` equal-width bins of [0, 1].
+
+    Bin i holds the photos whose top-1 probability lies in (i/n, (i+1)/n]; ECE = Σ (bin size / N) ·
+    |accuracy in bin − mean top-1 probability in bin|. 0 means "a 0.8 answer is right 80% of the time",
+    which is what an app needs before it shows a probability or thresholds on one. The bins are
+    returned too (accuracy and confidence are None in an empty bin), for a reliability diagram.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    ece, bins = 0.0, []
+    for i in range(n_bins):
+        members = index == i
+        count = int(members.sum())
+        acc = float(correct[members].mean()) if count else None
+        conf = float(confidence[members].mean()) if count else None
+        if count:
+            ece += count / len(confidence) * abs(acc - conf)
+        bins.append({"lower": float(edges[i]), "upper": float(edges[i + 1]), "count": count,
+                     "accuracy": acc, "confidence": conf})
+    return float(ece), bins
 
 
 def side_file_suffix(output_path: Path) -> str:
@@ -122,25 +176,28 @@ def write_results(
 
 
 def confusion_matrix_png(cm: dict[str, Any]) -> bytes:
-    """The confusion matrix as a PNG: rows = truth, columns = prediction, every cell's count written."""
+    """The confusion matrix as a PNG: rows = truth, columns = prediction, every cell's count written.
+
+    Cells are shaded by their share of the row (the normalised matrix), so a rare class's confusions
+    stand out as much as a common one's; the numbers written are the counts.
+    """
     # Figure without pyplot: no global backend state, renders with Agg, safe in threads and tests.
     from matplotlib.figure import Figure
 
-    labels, counts = cm["labels"], np.array(cm["counts"])
+    labels, counts, shares = cm["labels"], np.array(cm["counts"]), np.array(cm["normalized"])
     side = max(4.0, 0.55 * len(labels) + 2.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
     ax = fig.subplots()
-    image = ax.imshow(counts, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
     ax.set_title("confusion matrix")
-    threshold = counts.max() / 2 if counts.size and counts.max() > 0 else 0.5
     for (i, j), value in np.ndenumerate(counts):
         ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > threshold else "black", fontsize=8 if len(labels) > 15 else 10)
+                color="white" if shares[i, j] > 0.5 else "black", fontsize=8 if len(labels) > 15 else 10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -148,15 +205,29 @@ def confusion_matrix_png(cm: dict[str, Any]) -> bytes:
 
 
 def errors_html(results: dict[str, Any], dataset_dir: Path) -> str:
-    """A self-contained HTML gallery of the misclassified photos, worst first (lowest P(truth))."""
+    """A self-contained HTML gallery of the misclassified photos, worst first (lowest P(truth)).
+
+    A per-class table heads it, so the page names every class, including those without errors.
+    """
     errors = [p for p in results["predictions"] if p["predicted"] != p["element"]]
     errors.sort(key=lambda p: (p["probabilities"].get(p["element"], 0.0), p["image_path"]))
     esc = html.escape
     head = (
         f"<p>backend <b>{esc(str(results.get('backend', '')))}</b> · {results['n']} photos · "
         f"accuracy {results['accuracy']:.3f} · macro F1 {results['macro_f1']:.3f} · "
+        f"top-2 {results['top2_accuracy']:.3f} · ECE {results['ece']:.3f} · "
         f"{len(errors)} misclassified</p>"
     )
+    missed: dict[str, int] = {}
+    for p in errors:
+        missed[p["element"]] = missed.get(p["element"], 0) + 1
+    class_rows = "".join(
+        f'<tr class="class"><td>{esc(label)}</td><td>{m["precision"]:.3f}</td><td>{m["recall"]:.3f}</td>'
+        f"<td>{m['f1']:.3f}</td><td>{m['support']}</td><td>{missed.get(label, 0)}</td></tr>"
+        for label, m in results["per_class"].items()
+    )
+    classes = ("<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>"
+               f"<th>misclassified</th></tr>{class_rows}</table>")
     cards = [_error_card(p, dataset_dir) for p in errors] or ["<p>No misclassified photos.</p>"]
     return "\n".join([
         "<!doctype html>",
@@ -164,9 +235,10 @@ def errors_html(results: dict[str, Any], dataset_dir: Path) -> str:
         "<style>body{font-family:sans-serif;margin:1.5em}"
         ".card{display:flex;gap:1em;border-bottom:1px solid #ddd;padding:.6em 0}"
         ".card img{max-width:192px;max-height:192px}.miss{color:#b00}"
-        "table{border-collapse:collapse}td{padding:0 .6em 0 0}</style></head><body>",
+        "table{border-collapse:collapse}td,th{padding:0 .6em 0 0;text-align:left}</style></head><body>",
         "<h1>Misclassified photos</h1>",
         head,
+        classes,
         *cards,
         "</body></html>",
         "",
@@ -202,17 +274,31 @@ def _thumbnail(dataset_dir: Path, image_path: str) -> str:
     return f'<img alt="{html.escape(image_path, quote=True)}" src="data:image/jpeg;base64,{data}">'
 
 
-def agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Share of photos on which two results (e.g. HF and GGUF) predict the same label."""
-    pa, pb = _predicted_by_path(a, "first"), _predicted_by_path(b, "second")
+def agreement(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("first", "second")) -> float:
+    """Share of photos on which two results (e.g. HF and GGUF) predict the same label.
+
+    `names` say which results an error is about (file names, for `evaluate --compare`).
+    """
+    pa, pb = _predicted_by_path(a, names[0]), _predicted_by_path(b, names[1])
     if pa.keys() != pb.keys():
         only_a, only_b = sorted(pa.keys() - pb.keys()), sorted(pb.keys() - pa.keys())
         example = (only_a or only_b)[0]
         raise ElementalError(
-            f"the two results cover different photos: {len(only_a)} only in the first, "
-            f"{len(only_b)} only in the second (e.g. {example})"
+            f"the two results cover different photos: {len(only_a)} only in the {names[0]}, "
+            f"{len(only_b)} only in the {names[1]} (e.g. {example})"
         )
     return sum(pa[k] == pb[k] for k in pa) / len(pa)
+
+
+def disagreements(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """The photos two results label differently (image_path, truth, a, b), by path: where to look first
+    when HF and GGUF, or two quantisations, disagree. Call after `agreement`, which checks the photos match."""
+    pb = _predicted_by_path(b, "second")
+    return sorted(
+        ({"image_path": p["image_path"], "element": p.get("element"), "a": p["predicted"], "b": pb[p["image_path"]]}
+         for p in a["predictions"] if p["predicted"] != pb[p["image_path"]]),
+        key=lambda d: d["image_path"],
+    )
 
 
 def _predicted_by_path(results: dict[str, Any], which: str) -> dict[str, str]:
@@ -231,3 +317,77 @@ def _predicted_by_path(results: dict[str, Any], which: str) -> dict[str, str]:
             raise ElementalError(f"the {which} results: predictions[{i}].image_path: duplicate {path!r}")
         out[path] = label
     return out
+
+
+# -- side by side ----------------------------------------------------------------------------------
+
+def baseline_results_path(output_path: Path) -> Path:
+    """`validation_results.json` → `validation_results_baseline.json` (its side files follow the suffix)."""
+    output_path = Path(output_path)
+    return output_path.with_name(f"{output_path.stem}_baseline{output_path.suffix}")
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A results file written by `evaluate`, checked for the keys a comparison reads (DESIGN §5)."""
+    path = Path(path)
+    data = read_json(path, "results file")
+    if not isinstance(data, dict):
+        raise ElementalError(f"{path}: not a results file (expected a JSON object)")
+    for key, kind, what in (("accuracy", (int, float), "a number"), ("macro_f1", (int, float), "a number"),
+                            ("per_class", dict, "an object"), ("predictions", list, "a list")):
+        if key not in data:
+            raise ElementalError(f"{path}: not a results file (no {key!r})")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ElementalError(f"{path}: {key}: expected {what}, got {type(data[key]).__name__}")
+    for label, m in data["per_class"].items():
+        if not isinstance(m, dict) or not isinstance(m.get("f1"), (int, float)):
+            raise ElementalError(f"{path}: per_class.{label}.f1: missing or not a number")
+    return data
+
+
+def compare_results(a: dict[str, Any], b: dict[str, Any], latency: bool = True) -> list[dict[str, Any]]:
+    """Rows of `metric`, `a`, `b` and `diff` (b − a; None where either side lacks the metric).
+
+    Overall metrics first, then latency (if asked), then F1 per class over both files' labels. Results
+    written before top-2 and ECE existed compare too, with those rows empty.
+    """
+    def get(results: dict[str, Any], *keys: str) -> float | None:
+        value: Any = results
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    specs: list[tuple[str, tuple[str, ...]]] = [
+        ("accuracy", ("accuracy",)),
+        ("macro-F1", ("macro_f1",)),
+        ("top-2 accuracy", ("top2_accuracy",)),
+        ("ECE (lower is better)", ("ece",)),
+    ]
+    if latency:
+        specs += [("latency p50 (ms)", ("latency_ms", "p50")), ("latency p95 (ms)", ("latency_ms", "p95"))]
+    labels = list(dict.fromkeys([*a.get("per_class", {}), *b.get("per_class", {})]))
+    specs += [(f"F1 {label}", ("per_class", label, "f1")) for label in labels]
+    rows = []
+    for name, keys in specs:
+        va, vb = get(a, *keys), get(b, *keys)
+        rows.append({"metric": name, "a": va, "b": vb,
+                     "diff": vb - va if va is not None and vb is not None else None})
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]], headers: tuple[str, str, str]) -> str:
+    """The rows as a plain-text table: metric, a, b, diff (signed); milliseconds with one decimal."""
+    def cell(value: float | None, ms: bool, signed: bool = False) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:{'+' if signed else ''}.{1 if ms else 3}f}"
+
+    table = [("", *headers)]
+    for r in rows:
+        ms = r["metric"].endswith("(ms)")
+        table.append((r["metric"], cell(r["a"], ms), cell(r["b"], ms), cell(r["diff"], ms, signed=True)))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return "\n".join(
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]).rstrip()
+        for row in table
+    )

@@ -322,8 +322,8 @@ def evaluation_task(model_path: Path, fallback: Task, backend: str | None = None
                     lora_path: Path | None = None) -> Task:
     """The task a model answers: a GGUF export's manifest, an adapter's or HF model's task.json, else `fallback`.
 
-    Evaluating with the model's own labels and prompt (not the config's) is what makes a score, and a
-    baseline asked "with the same prompt", mean what it says.
+    The model's own labels and prompt, not the config's: otherwise a score, or a baseline "with the same
+    prompt", would measure a question the model was never trained to answer.
     """
     backend = backend or ("gguf" if is_gguf_path(model_path) else "hf")
     if backend == "gguf":
@@ -392,22 +392,25 @@ def baseline_model(model_path: Path, lora_path: Path | None = None, override: st
 
 
 def _check_loadable(base: str, source: str) -> None:
-    """A local SmolVLM folder, or a hub id whose config can be fetched (or is cached when offline)."""
+    """A local SmolVLM folder, or a hub id whose config can be fetched (or is cached when offline).
+
+    `org/name` may be a relative folder or a hub id, so a miss says both.
+    """
     from .model_io import check_smolvlm_dir
 
     if not Path(base).exists():
-        is_hub_id = base.count("/") == 1 and not base.startswith((".", "/"))
-        if not is_hub_id:
-            raise ElementalError(f"base model not found: {base} (recorded in {source}; a relative path is "
-                                 "from where the fine-tune ran): pass --base_model")
+        missing = (f"base model {base!r} (from {source}) is not a folder here (a relative path is from where "
+                   "the fine-tune ran)")
+        if not (base.count("/") == 1 and not base.startswith((".", "/"))):
+            raise ElementalError(f"{missing}: pass --base_model")
         from transformers import AutoConfig
 
         try:
             AutoConfig.from_pretrained(base)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ElementalError(f"base model {base!r} (from {source}) is neither a local folder nor loadable "
-                                 f"from the Hugging Face hub or its cache ({first[:160]}): pass --base_model") from None
+            raise ElementalError(f"{missing}, nor loadable from the Hugging Face hub or its cache "
+                                 f"({first[:160]}): pass --base_model") from None
     check_smolvlm_dir(base)
 
 
@@ -418,9 +421,14 @@ def evaluate_baseline(
     """Zero-shot: the base model asked the fine-tune's exact prompt and labels, through the `hf` backend.
 
     What fine-tuning bought is the lift over this; the results file has the same keys and side files
-    as the fine-tune's.
+    as the fine-tune's. `baseline_model` checked the base up front; weights that still fail to load
+    (a download cut off, a cache half written) end in one line, not a traceback.
     """
-    clf = open_classifier(Path(base_model), task, "hf", longest_edge=longest_edge)
+    try:
+        clf = open_classifier(Path(base_model), task, "hf", longest_edge=longest_edge)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ElementalError(f"base model {base_model!r} could not be loaded: {first[:200]}") from None
     return evaluate_model(clf, dataset_dir, split, task, output_path, plot_cm, say, records=records)
 
 

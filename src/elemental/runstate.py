@@ -31,7 +31,7 @@ FORMAT = "elemental-run-state/1"
 NOT_INPUTS = {
     "prepare": {"num_workers"},
     "train": {"resume", "report_to", "wandb_project", "logging_steps"},
-    "evaluate": {"threads"},
+    "evaluate": {"threads", "min_accuracy"},
 }
 MISSING = "missing"
 
