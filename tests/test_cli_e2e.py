@@ -40,7 +40,7 @@ def test_demo_layout_is_the_seeds(demo_dir):
     for rel in ("base_model/config.json", "dataset/train.json", "dataset/val.json", "dataset/metadata.json",
                 "run/lora_adapter/adapter_config.json", "run/final/model.safetensors", "run/metrics.json",
                 "run/logs", "gguf/manifest.json", "gguf/SmolVLM2-Tiny-Element-Q8_0.gguf",
-                "gguf/mmproj-SmolVLM2-Tiny-Element-Q8_0.gguf"):
+                "gguf/mmproj-SmolVLM2-Tiny-Element-F16.gguf"):
         assert (demo_dir / rel).exists(), rel
     results = json.loads((demo_dir / "run/validation_results.json").read_text())
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "predictions", "backend", "latency_ms"):
@@ -118,13 +118,13 @@ def test_mmproj_carries_the_fine_tuned_connector(demo_dir):
     key = "model.connector.modality_projection.proj.weight"
     base = load_file(demo_dir / "base_model" / "model.safetensors")[key]
     final = load_file(demo_dir / "run" / "final" / "model.safetensors")[key]
-    mmproj = GGUFReader(demo_dir / "gguf" / "mmproj-SmolVLM2-Tiny-Element-Q8_0.gguf")
+    mmproj = GGUFReader(demo_dir / "gguf" / "mmproj-SmolVLM2-Tiny-Element-F16.gguf")
     tensor = next(t for t in mmproj.tensors if t.name == "mm.model.fc.weight")
     shipped = dequantize(tensor.data, tensor.tensor_type).reshape(final.shape)
     trained = np.abs(final - base).max()
     print(f"connector: max |trained - base| {trained:.3g}, max |mmproj - trained| {np.abs(shipped - final).max():.3g}")
     assert trained > 0.01  # training moved the connector
-    assert np.abs(shipped - final).max() < trained / 10  # ...and the mmproj carries it (Q8_0 rounding only)
+    assert np.abs(shipped - final).max() < trained / 10  # ...and the mmproj carries it (F16 rounding only)
 
 
 # -- bad input: one line naming the thing, exit code 2, nothing half-written ------------------------

@@ -64,7 +64,7 @@ def f16_dir(tmp_path_factory, model_dir, task) -> Path:
 @pytest.fixture(scope="module")
 def q8_dir(tmp_path_factory, model_dir, task) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "q8"
-    export_gguf(model_dir, out, task)  # the defaults: Q8_0 text, Q8_0 mmproj
+    export_gguf(model_dir, out, task, mmproj_type="Q8_0")  # the seed's files: Q8_0 text, Q8_0 mmproj
     return out
 
 
@@ -114,9 +114,12 @@ def test_export_writes_files_and_manifest(f16_dir, task):
     assert manifest["versions"]["llama_cpp_python"] == "0.3.36"
 
 
-def test_default_export_is_q8(q8_dir):
+def test_seed_file_names_with_a_q8_mmproj(q8_dir):
     files = json.loads((q8_dir / "manifest.json").read_text())["files"]
-    assert {(f["role"], f["quant"]) for f in files.values()} == {("text", "Q8_0"), ("mmproj", "Q8_0")}
+    assert {name: (f["role"], f["quant"]) for name, f in files.items()} == {
+        "SmolVLM2-500M-Element-Q8_0.gguf": ("text", "Q8_0"),
+        "mmproj-SmolVLM2-500M-Element-Q8_0.gguf": ("mmproj", "Q8_0"),
+    }
 
 
 # -- prompt and image layout: what llama.cpp evaluates is HF's single-image sequence -------------------
@@ -171,6 +174,19 @@ def test_preprocessing_parity_for_every_size(f16_dir, hf, photos):
           f"HF letterboxed vs HF: {np.round(letterboxed, 3).tolist()}")
     assert max(errors) < EMBED_TOL
     assert min(letterboxed) > 5 * EMBED_TOL
+
+
+def test_large_photos_are_brought_to_the_training_size_first(f16_dir, hf, task):
+    """A camera-size photo is first bounded to 1024 px by both backends, as `prepare` stored the training
+    photos: classifying it is classifying that smaller photo, exactly."""
+    from elemental.images import PHOTO_MAX_SIDE, bounded
+
+    big = synthetic_photo("fire", np.random.default_rng(7), size=(3000, 2000))
+    small = bounded(big, PHOTO_MAX_SIDE)
+    assert max(small.size) == PHOTO_MAX_SIDE
+    assert hf.label_logprobs(big) == hf.label_logprobs(small)
+    with GGUFClassifier(f16_dir, quant="F16") as gg:
+        assert gg.label_logprobs(big) == gg.label_logprobs(small)
 
 
 # -- label probabilities -------------------------------------------------------------------------------

@@ -335,7 +335,7 @@ def classify(
     quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
 ) -> None:
     """Classify photos: one JSON line per photo with the label, probabilities and milliseconds."""
-    from .images import open_image
+    from .images import PHOTO_MAX_SIDE, open_image
     from .pipeline import open_classifier, task_for_model
 
     cfg, task = _load(config, {})
@@ -343,7 +343,7 @@ def classify(
     clf = open_classifier(model_path, task_for_model(model_path, task), backend, lora_path,
                           cfg.model.image_longest_edge, quant)
     for p in paths:
-        pred = clf.classify(open_image(p))
+        pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
         print(json.dumps({"path": str(p), "label": pred.label, "top_k": pred.top_k(top_k),
                           "probabilities": pred.probabilities, "ms": round(pred.ms, 2)}), flush=True)
 

@@ -221,11 +221,29 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
         return None
 
 
+# The long side `prepare` stores photos at, so also the size every classifier brings a photo down to
+# first: what the model sees at inference is made the way its training photos were made.
+PHOTO_MAX_SIDE = 1024
+
+
+def model_input(img: Image.Image) -> Image.Image:
+    """The photo as the model gets it: at most PHOTO_MAX_SIDE long (the same `bounded` call as `prepare`)."""
+    return img if max(img.size) <= PHOTO_MAX_SIDE else bounded(img, PHOTO_MAX_SIDE)
+
+
 def bounded(img: Image.Image, max_side: int) -> Image.Image:
-    """A copy of `img` whose long side is at most `max_side` (aspect kept; never upscaled)."""
-    out = img.copy()
-    out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return out
+    """A copy of `img` whose long side is at most `max_side` (aspect kept; never upscaled).
+
+    Pillow first averages a large photo down by an integer factor that keeps it at least the target
+    size (what a JPEG decoded at reduced scale gives, too), then resizes it with Lanczos: about 3x
+    faster than Lanczos over a whole 12-MP photo.
+    """
+    w, h = img.size
+    scale = max_side / max(w, h)
+    if scale >= 1:
+        return img.copy()
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=1.0)
 
 
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:

@@ -446,7 +446,7 @@ def demo_config(out_dir: Path) -> RunConfig:
                   "warmup_ratio": 0.05, "report_to": "none", "gradient_checkpointing": False,
                   "logging_steps": 5, "reason_mode": "multitask", "rationale_ratio": 0.3},
         "export": {"output_dir": str(out_dir / "gguf"), "name": "SmolVLM2-Tiny-Element", "quant": ["Q8_0"],
-                   "mmproj_type": "Q8_0"},
+                   "mmproj_type": "F16"},
         "evaluate": {"backends": ["hf", "gguf"], "plot_cm": True},
     })
 

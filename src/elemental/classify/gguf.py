@@ -36,6 +36,7 @@ from PIL import Image
 
 from ..errors import ElementalError
 from ..fileio import read_json, sha256_file
+from ..images import model_input
 from .base import Prediction, prediction_from_scores
 
 MANIFEST = "manifest.json"
@@ -265,11 +266,17 @@ class GGUFClassifier:
 
     @contextmanager
     def _overview(self, image: Image.Image) -> Iterator[object]:
-        """Preprocess `image` with libmtmd and yield its overview image chunk (freed on exit)."""
-        rgb = image.convert("RGB")
+        """Preprocess `image` with libmtmd and yield its overview image chunk (freed on exit).
+
+        The photo is first brought to at most PHOTO_MAX_SIDE, as for the HF backend and as `prepare`
+        stored the training photos; that also spares libmtmd resizing a 12-MP photo. libmtmd copies
+        the pixels itself, so they are handed over without another copy.
+        """
+        photo = model_input(image)
+        rgb = photo if photo.mode == "RGB" else photo.convert("RGB")
         data = rgb.tobytes()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, buf)
+        pixels = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # `data` outlives the call
+        bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.width, rgb.height, pixels)
         chunks = mtmd_cpp.mtmd_input_chunks_init()
         try:
             marker = mtmd_cpp.mtmd_default_marker()  # the text is the marker alone: we bring our own tokens

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..fileio import sha256_file
+from ..images import model_input
 from ..model_io import load_model, load_processor, pick_device
 from ..task import Task
 from .base import Prediction, prediction_from_scores
@@ -59,7 +60,7 @@ class HFClassifier:
     @torch.no_grad()
     def label_logprobs(self, image: Image.Image) -> list[float]:
         """Log-probability of each label as the answer to the label prompt for `image`."""
-        enc = self.processor(text=[self.prompt], images=[[image]], return_tensors="pt")
+        enc = self.processor(text=[self.prompt], images=[[model_input(image)]], return_tensors="pt")
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}

@@ -29,7 +29,7 @@ from .. import __version__
 from ..config import PrepareConfig
 from ..errors import ElementalError
 from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
-from ..images import bounded, encode_jpeg, hamming, open_image_bytes, perceptual_hash
+from ..images import PHOTO_MAX_SIDE, bounded, encode_jpeg, hamming, open_image_bytes, perceptual_hash
 from ..task import Task
 from .records import Record, load_split, save_split
 from .report import SheetEntry, report_html, thumbnail
@@ -41,7 +41,7 @@ Say = Callable[[str], None]
 
 FOLDER_LABELER = "folder-name"
 FOLDER_REASON = "a photo from the '{label}' folder"
-MAX_SIDE = 1024
+MAX_SIDE = PHOTO_MAX_SIDE
 ID_LENGTH = 12
 DECODE_WORKERS = max(2, os.cpu_count() or 2)
 DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")

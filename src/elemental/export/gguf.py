@@ -17,6 +17,7 @@ from pathlib import Path
 from ..classify.gguf import MANIFEST, gguf_vocab, runtime_versions, tokenize
 from ..errors import ElementalError
 from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic
+from ..images import PHOTO_MAX_SIDE
 from ..model_io import check_smolvlm_dir, load_processor
 from ..task import END_OF_UTTERANCE, IMAGE_TOKEN, Task
 from .convert import (
@@ -38,7 +39,7 @@ def export_gguf(
     task: Task,
     name: str = DEFAULT_NAME,
     quants: Sequence[str] = ("Q8_0",),
-    mmproj_type: str = "Q8_0",
+    mmproj_type: str = "F16",
     source_run: str | None = None,
 ) -> dict:
     """Convert `model_dir` into `out_dir` (replaced atomically) and return the manifest written there."""
@@ -128,6 +129,7 @@ def image_geometry(model_dir: Path, processor) -> dict:
         "image_mean": list(ip.image_mean),
         "image_std": list(ip.image_std),
         "do_image_splitting": False,
+        "photo_max_side": PHOTO_MAX_SIDE,  # bring photos down to this first (box/Lanczos), as prepare did
         "evaluate_chunk": "overview",
         "overview_start_token": processor.global_image_token,
         "note": ("libmtmd tokenizes a photo as a 1x1 grid: a slice chunk and an overview chunk. Evaluate "
