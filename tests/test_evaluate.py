@@ -26,7 +26,8 @@ from elemental.evaluate import (
     top_k_accuracy,
     write_results,
 )
-from elemental.pipeline import baseline_model, evaluate_model, task_from_manifest
+from elemental.lineage import baseline_model, task_from_manifest
+from elemental.pipeline import evaluate_model
 from elemental.task import Task
 
 LABELS = ["water", "land", "fire", "metal"]  # "metal" occurs in neither truth nor predictions

@@ -188,7 +188,7 @@ def merge(
     cfg, task = _load(config, {"model.base_model": base_model, "export.model_path": output_path,
                                "train.dataset_dir": dataset_dir})
     if lora_path is not None:
-        from .pipeline import task_for_model
+        from .lineage import task_for_model
 
         task = task_for_model(lora_path, task)
     stage_merge(cfg, task, lora_path=lora_path)
@@ -204,7 +204,8 @@ def export(
     mmproj_type: Annotated[str | None, _opt("--mmproj-type", "--mmproj_type", help="Q8_0 or F16.")] = None,
 ) -> None:
     """Convert the merged model to llama.cpp GGUF (text model + mmproj) with a manifest for the app."""
-    from .pipeline import stage_export, task_for_model
+    from .lineage import task_for_model
+    from .pipeline import stage_export
 
     cfg, task = _load(config, {
         "export.model_path": model_path, "export.output_dir": output_dir, "export.name": name,
@@ -255,7 +256,8 @@ def evaluate(
 
     from .data.records import load_split
     from .evaluate import baseline_results_path, compare_results, format_comparison
-    from .pipeline import baseline_model, evaluate_baseline, evaluate_model, evaluation_task, open_classifier
+    from .lineage import baseline_model, evaluation_task
+    from .pipeline import evaluate_baseline, evaluate_model, open_classifier
 
     cfg, task = _load(config, {"train.dataset_dir": dataset_dir})
     path = model_path or cfg.merged_model_dir()
@@ -336,11 +338,12 @@ def classify(
 ) -> None:
     """Classify photos: one JSON line per photo with the label, probabilities and milliseconds."""
     from .images import PHOTO_MAX_SIDE, open_image
-    from .pipeline import open_classifier, task_for_model
+    from .lineage import evaluation_task
+    from .pipeline import open_classifier
 
     cfg, task = _load(config, {})
     paths = _photo_paths(photos)
-    clf = open_classifier(model_path, task_for_model(model_path, task), backend, lora_path,
+    clf = open_classifier(model_path, evaluation_task(model_path, task, backend, lora_path), backend, lora_path,
                           cfg.model.image_longest_edge, quant)
     for p in paths:
         pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
