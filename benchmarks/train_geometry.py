@@ -13,7 +13,7 @@ is for CUDA), with synthetic phone-like photos, it measures in one run:
    the issue's figure (64 vs 1,088 = 17×) describes: HF tiles a square photo into 4×4 tiles + 1
    overview = 1,088 tokens, but a 4:3 phone photo into 4×3 + 1 = 832 (13×). The 4:3 ratio is
    printed beside the verdict with that note; it is a property of HF's tiling, not a failure of ours.
-2. training step time: LoRA (`train.recipe.LORA_TARGETS`, r=16) on the same model, batch size 1,
+2. training step time: LoRA (default `lora_target_regex()`, r=16) on the same model, batch size 1,
    AdamW, forward + backward + optimizer step, one warm-up step then the median of `--steps`
    steps cycling through the photos; the vision tower is frozen as in `elemental train`.
    Target ≥ 8× faster. Timed steps alternate between the two geometries so background load
@@ -58,7 +58,8 @@ from elemental.model_io import apply_geometry, load_processor
 from elemental.synthetic import build_full_size_random_model, synthetic_photo, tiny_marker
 from elemental.task import IMAGE_TOKEN, Task
 from elemental.train.collate import encode_example
-from elemental.train.recipe import LORA_TARGETS, load_model_for_training
+from elemental.train.recipe import load_model_for_training
+from elemental.train.targets import lora_target_regex
 
 OUR_EDGE = 512
 TOKEN_TARGET = 15.0
@@ -301,7 +302,7 @@ def _bench(model_dir: Path, task: Task, label: str, args: argparse.Namespace, t_
 
     t0 = time.perf_counter()
     model = load_model_for_training(str(model_dir), torch.device("cpu"))
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=lora_target_regex(), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     n_trainable, n_total = model.get_nb_trainable_parameters()
     print(f"model: {model_dir} ({n_total / 1e6:.0f} M params, {n_trainable / 1e6:.2f} M trainable LoRA), "

@@ -5,7 +5,6 @@ The CLI only parses flags into a `RunConfig` and calls these; tests call them to
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -103,7 +102,7 @@ def stage_merge(cfg: RunConfig, task: Task, say: Say = print, lora_path: Path | 
     out = cfg.merged_model_dir()
     manifest = merged_from(out, lora, cfg.model.base_model)
     if manifest is None and not lora.exists() and (out / "manifest.json").is_file():
-        recorded = json.loads((out / "manifest.json").read_text())
+        recorded = read_json(out / "manifest.json", "model manifest")
         if recorded.get("full_finetune"):
             say(f"merge: {out} is a full fine-tune, nothing to merge")
             return recorded

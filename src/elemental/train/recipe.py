@@ -36,10 +36,6 @@ from .targets import lora_target_regex
 
 log = logging.getLogger(__name__)
 
-# The default LoRA targets: text-model projections and the connector, anchored so SigLIP never matches.
-LORA_TARGETS = lora_target_regex()
-
-
 class _Examples(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example]):
         self.examples = examples
