@@ -7,7 +7,15 @@ PY := $(VENV)/bin/python
 LLAMA_CPP_PYTHON := 0.3.36
 CACHE ?= $(HOME)/.cache/elemental
 SDIST := $(CACHE)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
-WHEELS := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON)
+# The wheel cache is keyed by what the wheel is built for (version, CMAKE_ARGS, CFLAGS/CXXFLAGS, compilers
+# and, for the default -march=native build, this CPU's instruction sets): a home folder shared between
+# machines never hands one CPU's build to another (src/elemental/llama_build.py).
+LLAMA_BUILD = PYTHONPATH=src $(1) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON)
+WHEEL_KEY := $(shell $(call LLAMA_BUILD,$(PYTHON)) key)
+ifeq ($(WHEEL_KEY),)
+$(error could not compute the llama.cpp wheel key; see: PYTHONPATH=src $(PYTHON) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON) key)
+endif
+WHEELS := $(CACHE)/wheels/$(WHEEL_KEY)
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
@@ -43,10 +51,10 @@ $(SDIST):
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 
 # Building llama.cpp takes ~10 minutes on 2 cores: the wheel is cached outside the checkout, so a
-# second `make test`, another clone or CI on the same machine reuse it.
-$(WHEELS)/.built: $(SDIST) | $(PY)
-	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(PY) -m pip wheel --no-deps -w $(WHEELS) $(SDIST)
-	touch $@
+# second `make test`, another clone or CI on the same machine reuse it. x86 builds leave out llama.cpp's
+# AMX kernels (they segfault: llama.cpp#20824); CMAKE_ARGS, CFLAGS and CXXFLAGS from the environment apply.
+$(WHEELS)/build.json: $(SDIST) | $(PY)
+	$(call LLAMA_BUILD,$(PY)) build --sdist $(SDIST) --out $(WHEELS) --jobs $(JOBS)
 
 # llama.cpp's own converter (convert_hf_to_gguf.py + conversion/ + gguf-py) from the same sdist.
 $(LLAMA_TOOLS)/.stamp: $(SDIST) | $(PY)
@@ -58,9 +66,13 @@ $(LLAMA_TOOLS)/.stamp: $(SDIST) | $(PY)
 	echo "llama-cpp-python==$(LLAMA_CPP_PYTHON)" > $(LLAMA_TOOLS)/SOURCE
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch $(WHEELS)/.built $(LLAMA_TOOLS)/.stamp
+# The cached wheel is installed by file, replacing whatever llama-cpp-python the venv had (a build for
+# another CPU, or one pip made from the sdist with other flags).
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch $(WHEELS)/build.json $(LLAMA_TOOLS)/.stamp
 	$(PY) -m pip install -q $(LLAMA_TOOLS)/gguf-py
+	$(PY) -m pip install -q --no-deps --force-reinstall $(WHEELS)/*.whl
 	$(PY) -m pip install -q --find-links $(WHEELS) -e '.[dev]'
+	cp $(WHEELS)/build.json $(VENV)/share/elemental/llama-cpp-build.json
 	touch $@
 
 clean:

@@ -1,0 +1,218 @@
+"""The llama.cpp wheel we build from the llama-cpp-python sdist, and the key of the cache that keeps it.
+
+Building llama.cpp takes about 10 minutes on 2 cores, so `make install` keeps the wheel in
+`~/.cache/elemental/wheels/<key>/`. A home folder is often shared between machines (NFS, a container
+image, a copied cache), and a wheel built with `-march=native` on one CPU dies with SIGILL (or worse)
+on a CPU without its instructions. So the key is a digest of everything the wheel was built for: the
+package version, the CMake arguments, the compiler flags and compilers, and, for a native build, the
+instruction-set macros that `-march=native` (`-mcpu=native` on Arm) turns on in the compiler on this
+machine. A different CPU gives a different key and a build of its own; a portable build
+(`-DGGML_NATIVE=OFF` with explicit features) is keyed without the CPU and can be shared.
+
+x86 builds also get `-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`: llama.cpp's AMX path repacks
+weights into an "AMX" buffer and segfaults at the first matmul (llama.cpp#20824). Without AMX the
+CPU_REPACK buffer type (AVX2 kernels for Q4_K, Q4_0, IQ4_NL) stays available; the runtime guard in
+`elemental.classify.llama_runtime` covers any other build.
+
+Standard library only, because the Makefile runs it before the virtual environment exists:
+
+    PYTHONPATH=src python3 -m elemental.llama_build --version 0.3.36 key
+    PYTHONPATH=src .venv/bin/python -m elemental.llama_build --version 0.3.36 build --sdist S --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .hardware import this_cpu
+
+PACKAGE = "llama-cpp-python"
+# Keeps llama.cpp's AMX kernels out of an x86 build (see the module docstring).
+NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+BUILD_INFO = "build.json"
+# Environment variables that change what CMake compiles (CC/CXX pick the compilers, probed separately).
+_FLAG_VARS = ("CMAKE_ARGS", "CFLAGS", "CXXFLAGS", "LDFLAGS")
+_OFF = {"OFF", "0", "FALSE", "NO", "N"}
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a llama-cpp-python wheel was built for; equal inputs give interchangeable wheels."""
+
+    version: str
+    machine: str
+    cmake_args: str
+    cflags: str
+    cxxflags: str
+    ldflags: str
+    toolchain: tuple[str, ...]  # the first line of each compiler's --version
+    native: bool
+    native_features: tuple[str, ...]  # what -march=native adds, as compiler macros; () when not native
+
+
+def wheel_key(inputs: BuildInputs) -> str:
+    """The cache folder name for a wheel built from `inputs`: readable prefix, digest of everything."""
+    blob = json.dumps(asdict(inputs), sort_keys=True).encode()
+    kind = "native" if inputs.native else "portable"
+    return f"{PACKAGE}-{inputs.version}-{inputs.machine}-{kind}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def is_native(cmake_args: str, env: dict[str, str]) -> bool:
+    """Whether ggml builds with -march=native: GGML_NATIVE as given, else ON unless SOURCE_DATE_EPOCH is set.
+
+    (ggml/CMakeLists.txt turns the default off for reproducible builds, i.e. when SOURCE_DATE_EPOCH is set.)
+    """
+    for arg in reversed(shlex.split(cmake_args)):
+        m = re.fullmatch(r"-DGGML_NATIVE(?::BOOL)?=(\S*)", arg)
+        if m:
+            return m.group(1).upper() not in _OFF
+    return "SOURCE_DATE_EPOCH" not in env
+
+
+def build_env(env: dict[str, str], machine: str, compiler_accepts) -> dict[str, str]:
+    """The environment the build runs in: the caller's, with the AMX guard added to x86 C/C++ flags.
+
+    CMake takes CFLAGS/CXXFLAGS as its initial CMAKE_C(XX)_FLAGS, so the user's CMAKE_ARGS stay theirs.
+    `compiler_accepts(flags)` says whether the C compiler takes the guard (old compilers don't know AMX).
+    """
+    out = dict(env)
+    if machine in ("x86_64", "AMD64", "i686") and compiler_accepts(NO_AMX_FLAGS):
+        for var in ("CFLAGS", "CXXFLAGS"):
+            have = shlex.split(out.get(var, ""))
+            out[var] = " ".join([*have, *(f for f in NO_AMX_FLAGS if f not in have)])
+    return out
+
+
+# -- probing this machine's compilers ----------------------------------------------------------------
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _compilers(env: dict[str, str]) -> tuple[list[str], list[str]]:
+    return shlex.split(env.get("CC") or "cc"), shlex.split(env.get("CXX") or "c++")
+
+
+def _accepts(cc: list[str], flags: tuple[str, ...]) -> bool:
+    return _run([*cc, *flags, "-x", "c", "-E", "-o", os.devnull, os.devnull]) is not None
+
+
+def _macros(cc: list[str], flags: list[str]) -> set[str] | None:
+    out = _run([*cc, *flags, "-dM", "-E", "-x", "c", os.devnull])
+    return None if out is None else {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+
+
+def native_features(cc: list[str], machine: str) -> tuple[str, ...]:
+    """The macros that ggml's native flag adds in this compiler on this CPU (__AVX2__, __AMX_TILE__, ...).
+
+    ggml uses -march=native on x86 and -mcpu=native on Arm. Where the compiler can't say, the kernel's
+    CPU flags stand in: a key must never be shared by two CPUs that could differ.
+    """
+    native = ["-mcpu=native"] if machine in ("aarch64", "arm64") else ["-march=native"]
+    base, tuned = _macros(cc, []), _macros(cc, native)
+    if base is None or tuned is None:
+        return tuple(sorted(f"cpuinfo:{f}" for f in this_cpu().flags))
+    return tuple(sorted(tuned - base))
+
+
+def detect(version: str, env: dict[str, str] | None = None) -> tuple[BuildInputs, dict[str, str]]:
+    """This machine's build inputs for `version`, and the environment to build in."""
+    env = dict(os.environ if env is None else env)
+    machine = this_cpu().machine
+    cc, cxx = _compilers(env)
+    benv = build_env(env, machine, lambda flags: _accepts(cc, flags))
+    cmake_args = benv.get("CMAKE_ARGS", "")
+    toolchain = [(_run([*c, "--version"]) or f"{shlex.join(c)}: not found").splitlines()[0].strip()
+                 for c in (cc, cxx)]
+    if re.search(r"-DGGML_CUDA(?::BOOL)?=(ON|1|TRUE|YES)", cmake_args, re.IGNORECASE):
+        nvcc = _run(["nvcc", "--version"])
+        toolchain.append(nvcc.strip().splitlines()[-1] if nvcc else "nvcc: not found")
+    native = is_native(cmake_args, benv)
+    inputs = BuildInputs(
+        version=version, machine=machine, cmake_args=cmake_args, cflags=benv.get("CFLAGS", ""),
+        cxxflags=benv.get("CXXFLAGS", ""), ldflags=benv.get("LDFLAGS", ""), toolchain=tuple(toolchain),
+        native=native, native_features=native_features(cc, machine) if native else (),
+    )
+    return inputs, benv
+
+
+# -- building into the cache -------------------------------------------------------------------------
+
+
+def build(version: str, sdist: Path, out: Path, jobs: int) -> Path:
+    """The cached wheel for this machine in `out` (named by `key`), built from `sdist` when not there yet.
+
+    Built in a temp folder beside `out` and renamed into place, so an interrupted build leaves nothing
+    that looks finished. pip's own wheel cache is bypassed: it is keyed by the sdist alone and would
+    hand back a wheel built with other flags.
+    """
+    inputs, env = detect(version)
+    if out.name != wheel_key(inputs):
+        raise SystemExit(f"error: {out} is not named by this machine's key {wheel_key(inputs)} (inputs changed?)")
+    found = sorted(out.glob("*.whl")) if (out / BUILD_INFO).is_file() else []
+    if found:
+        return found[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+        kind = f"native, {len(inputs.native_features)} CPU features" if inputs.native else "portable"
+        print(f"building {PACKAGE} {version} into {out} ({kind}; CMAKE_ARGS={inputs.cmake_args!r} "
+              f"CFLAGS={inputs.cflags!r}): about 10 minutes on 2 cores", flush=True)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(tmp), str(sdist)]
+        subprocess.run(cmd, env=env, check=True)
+        wheels = sorted(tmp.glob("*.whl"))
+        if len(wheels) != 1:
+            raise SystemExit(f"error: pip wheel left {len(wheels)} wheels in {tmp}")
+        info = {"key": out.name, "inputs": asdict(inputs), "wheel": wheels[0].name,
+                "sha256": hashlib.sha256(wheels[0].read_bytes()).hexdigest(),
+                "built_on": {"cpu": this_cpu().model, "kind": this_cpu().kind(), "flags": sorted(this_cpu().flags)},
+                "build_seconds": round(time.time() - t0)}
+        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)  # a folder without build.json is an interrupted copy
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / wheels[0].name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m elemental.llama_build", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", required=True, help=f"{PACKAGE} version")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("key", help="print the cache key of this machine's build")
+    sub.add_parser("describe", help="print the build inputs behind the key, as JSON")
+    b = sub.add_parser("build", help="build the wheel into OUT unless it is there; print the wheel's path")
+    b.add_argument("--sdist", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the key)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    if args.command == "build":
+        print(build(args.version, args.sdist, args.out, args.jobs))
+        return 0
+    inputs, _ = detect(args.version)
+    print(wheel_key(inputs) if args.command == "key" else json.dumps(asdict(inputs), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
