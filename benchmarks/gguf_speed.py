@@ -74,7 +74,8 @@ import psutil
 from llama_cpp import mtmd_cpp
 from PIL import Image
 
-from elemental.classify.gguf import GGUFClassifier, llama_said, quiet_llama, tokenize
+from elemental.classify.gguf import GGUFClassifier
+from elemental.classify.llama_runtime import llama_said, load_text_model, tokenize
 from elemental.config import TaskConfig
 from elemental.errors import ElementalError
 from elemental.fileio import atomic_dir, read_json
@@ -265,10 +266,7 @@ class LlamaRunner:
     """A text model, a context and a projector opened the way GGUFClassifier opens them; freed on close."""
 
     def __init__(self, text: Path, mmproj: Path, threads: int, n_ctx: int, n_batch: int, n_ubatch: int):
-        quiet_llama()
-        model = llama_cpp.llama_model_load_from_file(str(text).encode(), llama_cpp.llama_model_default_params())
-        if not model:
-            raise ElementalError(f"llama.cpp could not load {text}{llama_said()}")
+        model = load_text_model(text).model  # AMX-safe, as the classifier loads it
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, n_ubatch
         cparams.n_seq_max = 1

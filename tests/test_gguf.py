@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,13 @@ import torch
 
 from elemental.classify.gguf import GGUFClassifier
 from elemental.classify.hf import HFClassifier
+from elemental.classify.llama_runtime import AMX_BUFFER, build_has_amx
 from elemental.config import REAL_BASE_MODEL, TaskConfig
 from elemental.errors import ElementalError
 from elemental.export import convert
 from elemental.export.gguf import export_gguf, label_grammar
 from elemental.fileio import sha256_file
+from elemental.hardware import AMX_FLAGS, this_cpu
 from elemental.model_io import load_model, load_processor
 from elemental.synthetic import TINY_MARKER, build_tiny_model, synthetic_photo
 from elemental.task import Task
@@ -234,6 +238,45 @@ def test_continuation_scoring_matches_hf(tmp_path, model_dir, photos):
     print(f"F16 continuation: max |Δ label logprob| = {delta:.2e}")
     assert delta < F16_TOL * 2  # a sum over up to 5 tokens' log-probs
     assert (a.argmax(1) == b.argmax(1)).all()
+
+
+# -- the CPU: llama.cpp's AMX path segfaults (llama.cpp#20824) ----------------------------------------
+
+
+def test_no_weight_lives_in_an_amx_buffer(q8_dir, photos):
+    """Whatever llama.cpp build is installed, on whatever CPU this runs: no weight in an AMX buffer."""
+    with GGUFClassifier(q8_dir) as gg:
+        buffers, extra = gg.weight_buffers, gg.extra_bufts
+        assert gg.classify(photos[0]).label in gg.labels
+    cpu = this_cpu()
+    print(f"{cpu.kind()}; llama.cpp AMX kernels: {build_has_amx()}; weights in {buffers}; extra buffer types {extra}")
+    assert buffers, "llama.cpp reported no weight buffers: the AMX check would be blind"
+    assert AMX_BUFFER not in buffers
+    # Repacking is switched off only where it is dangerous: it is the fast path on phones.
+    assert extra is not (build_has_amx() and (cpu.amx or not cpu.flags))
+
+
+def test_forced_extra_buffer_types_still_keep_weights_out_of_amx(q8_dir, photos):
+    with GGUFClassifier(q8_dir, extra_bufts=True) as gg:
+        assert gg.weight_buffers and AMX_BUFFER not in gg.weight_buffers
+        assert gg.classify(photos[0]).label in gg.labels
+
+
+@pytest.mark.parametrize("extra_bufts", [None, True])
+def test_gguf_classifies_on_this_machines_real_cpu(q8_dir, photos, tmp_path, extra_bufts):
+    """A fresh process on this CPU, as a user runs it: a crash inside ggml (SIGSEGV, SIGILL) fails this test
+    with the CPU's flags instead of taking pytest down."""
+    photos[1].save(tmp_path / "photo.png")
+    code = ("import json, sys; from PIL import Image; from elemental.classify.gguf import GGUFClassifier; "
+            f"c = GGUFClassifier(sys.argv[1], extra_bufts={extra_bufts}); "
+            "print(json.dumps({'label': c.classify(Image.open(sys.argv[2])).label, 'buffers': c.weight_buffers}))")
+    res = subprocess.run([sys.executable, "-c", code, str(q8_dir), str(tmp_path / "photo.png")],
+                         capture_output=True, text=True, timeout=300)
+    cpu = this_cpu()
+    said = f"{cpu.model}, {cpu.kind()}, AMX flags {sorted(cpu.flags & AMX_FLAGS)}, llama.cpp AMX {build_has_amx()}"
+    assert res.returncode == 0, f"{said}: exit {res.returncode}\n{res.stderr[-2000:]}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert AMX_BUFFER not in out["buffers"] and out["label"] in ("water", "land", "fire", "wood", "metal")
 
 
 # -- errors -------------------------------------------------------------------------------------------

@@ -23,10 +23,8 @@ import math
 import os
 import time
 import weakref
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import llama_cpp
@@ -38,90 +36,10 @@ from ..errors import ElementalError
 from ..fileio import read_json, sha256_file
 from ..images import model_input
 from .base import Prediction, prediction_from_scores
+from .llama_runtime import llama_said, load_text_model, quiet_llama, tokenize
 
 MANIFEST = "manifest.json"
 _SEQ = 0  # the one sequence this backend uses
-
-# -- llama.cpp process-wide setup -------------------------------------------------------------------
-
-_GGML_LOG_WARN = 2
-_GGML_LOG_ERROR = 3
-_log_lines: deque[str] = deque(maxlen=16)
-
-
-@llama_cpp.llama_log_callback
-def _keep_warnings(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp logs a lot to stderr; keep only its recent warnings/errors, to quote in our errors."""
-    if level in (_GGML_LOG_WARN, _GGML_LOG_ERROR) and text:
-        _log_lines.append(text.decode("utf-8", "replace").strip())
-
-
-_backend_ready = False
-
-
-def quiet_llama() -> None:
-    """Initialise llama.cpp once and route its logging (and libmtmd's) to `_keep_warnings`.
-
-    The callback is a module global, so ctypes keeps it alive for as long as C may call it.
-    """
-    global _backend_ready
-    llama_cpp.llama_log_set(_keep_warnings, ctypes.c_void_p(0))
-    mtmd_cpp.mtmd_helper_log_set(_keep_warnings, ctypes.c_void_p(0))
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
-
-def llama_said() -> str:
-    """The last warning or error llama.cpp logged (for one-line errors), or "" when it said nothing."""
-    return f": {_log_lines[-1]}" if _log_lines else ""
-
-
-def runtime_versions() -> dict[str, str]:
-    """Versions of the llama.cpp runtime and of the gguf package, for manifests and result files."""
-    try:
-        gguf_version = version("gguf")
-    except PackageNotFoundError:
-        gguf_version = "not installed"
-    try:
-        commit_fn = llama_cpp.llama_cpp._lib.ggml_commit
-        commit_fn.restype = ctypes.c_char_p
-        commit = commit_fn().decode()
-    except AttributeError:
-        commit = "unknown"
-    return {
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp": f"the tree vendored by llama-cpp-python {llama_cpp.__version__}",
-        "ggml_build_commit": commit,  # as the runtime library reports it (ggml_commit())
-        "gguf": gguf_version,
-    }
-
-
-def tokenize(vocab, text: str) -> list[int]:
-    """Tokens of `text` as llama.cpp makes them: special tokens parsed, no BOS added (the text has it)."""
-    data = text.encode("utf-8")
-    n_max = len(data) + 16
-    buf = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, False, True)
-    if n < 0:
-        raise ElementalError(f"llama.cpp could not tokenize {text[:40]!r} ({-n} tokens > {n_max})")
-    return list(buf[:n])
-
-
-@contextmanager
-def gguf_vocab(path: Path) -> Iterator[object]:
-    """A text GGUF's vocabulary alone (no weights), for checking how llama.cpp tokenizes the prompt."""
-    quiet_llama()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ElementalError(f"llama.cpp could not load the vocabulary of {path}{llama_said()}")
-    try:
-        yield llama_cpp.llama_model_get_vocab(model)
-    finally:
-        llama_cpp.llama_model_free(model)
-
 
 # -- the backend -----------------------------------------------------------------------------------
 
@@ -173,7 +91,9 @@ class GGUFClassifier:
 
     backend = "gguf"
 
-    def __init__(self, gguf_dir_or_manifest: Path, quant: str = "Q8_0", n_threads: int | None = None):
+    def __init__(self, gguf_dir_or_manifest: Path, quant: str = "Q8_0", n_threads: int | None = None,
+                 extra_bufts: bool | None = None):
+        """Open an export folder. `extra_bufts` None: weight repacking where safe (AMX never; llama_runtime)."""
         self.folder, self.manifest = load_manifest(gguf_dir_or_manifest)
         m = self.manifest
         self.labels = tuple(m["labels"])
@@ -186,7 +106,7 @@ class GGUFClassifier:
         # Checked before llama.cpp sees them (a phone app should do the same with the manifest's hashes).
         self._files = {str(p): _checked_sha256(p, m) for p in (self.text_path, self.mmproj_path)}
         quiet_llama()
-        self._open()
+        self._open(extra_bufts)
         self.prefix_ids = self._checked_tokens("prompt_prefix")
         self.suffix_ids = self._checked_tokens("prompt_suffix")
         self._overview_start = tokenize(self._vocab, m["image"]["overview_start_token"])
@@ -194,12 +114,11 @@ class GGUFClassifier:
         self.n_prefix = len(self.prefix_ids)
 
     # -- setup -----------------------------------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, extra_bufts: bool | None) -> None:
         """Load the text model, a small context and the projector; freed when this object goes away."""
-        model = llama_cpp.llama_model_load_from_file(
-            str(self.text_path).encode(), llama_cpp.llama_model_default_params())
-        if not model:
-            raise ElementalError(f"llama.cpp could not load {self.text_path}{llama_said()}")
+        loaded = load_text_model(self.text_path, extra_bufts)
+        model = loaded.model
+        self.weight_buffers, self.extra_bufts = loaded.weight_buffers, loaded.extra_bufts
         longest_label = max(len(ids) for ids in self.label_ids)
         m = self.manifest
         prompt_len = len(m["prompt_prefix_token_ids"]) + len(m["prompt_suffix_token_ids"])

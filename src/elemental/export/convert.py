@@ -89,7 +89,7 @@ def quantize(src: Path, dst: Path, gguf_type: str, n_threads: int | None = None)
     """Quantize an F16 text GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
     import llama_cpp  # imported here: the converter subprocess, which also runs this module, needs none of it
 
-    from ..classify.gguf import llama_said, quiet_llama
+    from ..classify.llama_runtime import llama_said, quiet_llama
 
     if gguf_type not in QUANTIZER_TYPES:
         raise ElementalError(f"llama_model_quantize is used for {list(QUANTIZER_TYPES)}, not {gguf_type!r}")

@@ -14,7 +14,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..classify.gguf import MANIFEST, gguf_vocab, runtime_versions, tokenize
+from ..classify.gguf import MANIFEST
+from ..classify.llama_runtime import gguf_vocab, runtime_versions, tokenize
 from ..errors import ElementalError
 from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic
 from ..images import PHOTO_MAX_SIDE
