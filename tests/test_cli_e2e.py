@@ -70,6 +70,31 @@ def test_classify_hf_and_gguf_agree_on_a_photo(demo_dir):
     assert out["run/final"] == out["gguf"] == val[0]["element"]
 
 
+def test_bf16_training_on_this_cpu_keeps_the_demo_accuracy(demo_dir, tmp_path):
+    """`train --bf16` on this machine's CPU: bf16 autocast where it has native bf16, else fp32 and the reason.
+
+    Either way the demo must learn as well as the fp32 demo run did (within one of its 30 val photos).
+    """
+    from elemental.hardware import this_cpu
+    from elemental.pipeline import demo_config
+
+    cfg = demo_config(demo_dir)
+    lines = ["[train]"] + [f"{k} = {json.dumps(str(v) if k.endswith('_dir') else v)}"
+                           for k, v in cfg.train.model_dump().items() if v is not None and not isinstance(v, list)]
+    (tmp_path / "bf16.toml").write_text("\n".join(lines) + f'\n[model]\nbase_model = "{cfg.model.base_model}"\n')
+    res = elemental("train", "--config", "bf16.toml", "--output_dir", "run", "--bf16", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    fp32 = json.loads((demo_dir / "run/metrics.json").read_text())
+    cpu = this_cpu()
+    assert metrics["precision"] == ("bf16" if cpu.native_bf16 else "fp32"), (cpu.kind(), metrics["precision_reason"])
+    if not cpu.native_bf16:
+        assert "no native bf16" in res.stderr
+    assert metrics["val_accuracy"] >= 0.9
+    assert abs(metrics["val_accuracy"] - fp32["val_accuracy"]) <= 1 / fp32["n_val"] + 1e-9
+    assert metrics["merge_max_abs_logit_diff"] < 1e-3
+
+
 def test_evaluate_cli_on_gguf_writes_results(demo_dir, tmp_path):
     res = elemental("evaluate", "--model_path", str(demo_dir / "gguf"), "--dataset_dir", str(demo_dir / "dataset"),
                     "--output_path", str(tmp_path / "r.json"), "--plot_cm", cwd=tmp_path)

@@ -99,3 +99,22 @@ def test_lora_targets_hit_text_and_connector_never_vision(tiny_model_dir):
     assert {n.rsplit(".", 1)[1] for n in hit if "text_model" in n} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert any("vision" in n and n.endswith("q_proj") for n in names), "vision tower shares the names"
+
+
+# -- --bf16: what this device does with it ----------------------------------------------------------
+
+def test_bf16_on_a_cpu_follows_its_native_bf16():
+    from elemental.hardware import parse_cpuinfo, this_cpu
+    from elemental.train.recipe import training_precision
+
+    cpu = torch.device("cpu")
+    xeon = parse_cpuinfo("flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n", "x86_64", 2)
+    older = parse_cpuinfo("flags : avx2 fma f16c avx512f\n", "x86_64", 2)
+    arm = parse_cpuinfo("Features : fp asimd asimddp bf16 i8mm\n", "aarch64", 8)
+    assert training_precision(True, cpu, xeon) == (True, "bf16 autocast on the CPU (native bf16: amx_bf16, "
+                                                         "avx512_bf16)")
+    assert training_precision(True, cpu, arm)[0] is True
+    bf16, why = training_precision(True, cpu, older)
+    assert not bf16 and "no native bf16" in why and "5x slower" in why
+    assert training_precision(False, cpu, xeon)[0] is False  # never without --bf16
+    assert training_precision(True, cpu)[0] is this_cpu().native_bf16  # this machine, read from the kernel

@@ -25,6 +25,7 @@ from ..config import RunConfig
 from ..data.records import load_split
 from ..errors import ElementalError
 from ..fileio import atomic_dir, write_json_atomic
+from ..hardware import BF16_FLAGS, CPU, this_cpu
 from ..images import open_image
 from ..model_io import load_processor, pick_device
 from ..task import Task
@@ -73,13 +74,37 @@ def _setup_tracking(cfg: RunConfig, logs_dir: Path) -> list[str]:
     return ["wandb"]
 
 
+def training_precision(want_bf16: bool, device: torch.device, cpu: CPU | None = None) -> tuple[bool, str]:
+    """(train in bf16?, why) for `--bf16` on this device; the reason is logged and kept in metrics.json.
+
+    bf16 is autocast (fp32 master weights, bf16 matmuls), what `Trainer(bf16=True)` runs. On a CPU it
+    pays only with native bf16 instructions: on an Intel Xeon with AVX512-BF16 and AMX-BF16 a LoRA step
+    of SmolVLM2-500M at batch 4 took 0.58x the fp32 time, while on a CPU without them bf16 is emulated
+    and was 5x slower (benchmarks/cpu_precision.py), so there `--bf16` trains in fp32 and says why.
+    """
+    if not want_bf16:
+        return False, "fp32 (--bf16 not asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return True, f"bf16 autocast on {torch.cuda.get_device_name(device)}"
+        return False, f"fp32: {torch.cuda.get_device_name(device)} has no bf16"
+    if device.type == "cpu":
+        cpu = cpu or this_cpu()
+        if cpu.native_bf16:
+            flags = ", ".join(sorted(cpu.flags & BF16_FLAGS))
+            return True, f"bf16 autocast on the CPU (native bf16: {flags})"
+        return False, ("fp32: this CPU has no native bf16 (no avx512_bf16/amx_bf16/bf16 in /proc/cpuinfo), where "
+                       "bf16 is emulated and measured 5x slower than fp32")
+    return False, f"fp32: bf16 is not supported here on {device.type}"
+
+
 def _training_dtype_flags(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
-    """bf16 mixed precision only where the hardware has it; CPUs here train in fp32."""
-    if cfg.train.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return {"bf16": True}
+    """TrainingArguments' precision flags for `--bf16` on this device (training_precision decides)."""
+    bf16, why = training_precision(cfg.train.bf16, device)
     if cfg.train.bf16:
-        log.warning("--bf16 asked for but this device has no native bf16: training in fp32")
-    return {"bf16": False}
+        (log.info if bf16 else log.warning)("--bf16: training in %s", why)
+    # transformers refuses bf16 without a GPU unless told the CPU is meant (it then autocasts on the CPU).
+    return {"bf16": bf16, "use_cpu": bf16 and device.type == "cpu"}
 
 
 def training_device() -> torch.device:
@@ -313,6 +338,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "total_parameters": n_total,
         "device": str(device),
         "precision": "bf16" if args.bf16 else "fp32",
+        "precision_reason": training_precision(tc.bf16, device)[1],
         "quantized_base": quantize,
         "reason_mode": tc.reason_mode,
         "final": str(out / "final") if (merged or tc.full_finetune) else None,
