@@ -19,14 +19,14 @@ WHEELS := $(CACHE)/wheels/$(WHEEL_KEY)
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean native native-test
 
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/elemental demo
 
-test: install
+test: install native
 	$(VENV)/bin/python -m pytest
 
 lint: install
@@ -75,5 +75,34 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch $(WHEELS)/build.json $(LLAMA_T
 	cp $(WHEELS)/build.json $(VENV)/share/elemental/llama-cpp-build.json
 	touch $@
 
+# The phone's classifier (native/, the JNI glue, the Kotlin API) built for this desktop against the llama.cpp the
+# venv already has: headers and vendored single-header libraries from the same sdist, the wheel's shared
+# libraries. No second llama.cpp build. Needs cmake, a JDK and kotlinc (README: "The phone side").
+LLAMA_SRC := $(VENV)/share/elemental/llama.cpp-src
+NATIVE := build/native
+LLAMA_LIB_DIR = $(shell $(PY) -c "import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib'))")
+KOTLIN_SOURCES := $(wildcard android/src/main/kotlin/org/elemental/*.kt) tests/jvm/ClassifyPhotos.kt
+
+$(LLAMA_SRC)/.stamp: $(SDIST) | $(PY)
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	tar -xzf $(SDIST) -C $(LLAMA_SRC) --strip-components=3 \
+		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,include ggml/include tools/mtmd vendor)
+	touch $@
+
+native: install $(LLAMA_SRC)/.stamp
+	cmake -S native -B $(NATIVE) -DCMAKE_BUILD_TYPE=Release -DELEMENTAL_JNI=ON \
+		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_LIB_DIR) >/dev/null
+	cmake --build $(NATIVE) -j $(JOBS)
+	$(MAKE) --no-print-directory $(NATIVE)/elemental-jvm.jar
+
+# The Kotlin API and a desktop caller, for the JVM test (tests/test_native.py).
+$(NATIVE)/elemental-jvm.jar: $(KOTLIN_SOURCES)
+	kotlinc $(KOTLIN_SOURCES) -include-runtime -d $(NATIVE)/partial.jar 2>$(NATIVE)/kotlinc.log \
+		|| { grep -v noverify $(NATIVE)/kotlinc.log >&2; exit 1; }
+	mv $(NATIVE)/partial.jar $@
+
+native-test: native
+	$(VENV)/bin/python -m pytest tests/test_native.py
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,94 @@
+// elemental's on-device classifier: the one implementation of what an app runs per photo.
+//
+// It reads a folder written by `elemental export` (manifest.json, the text GGUF, the mmproj GGUF) and
+// answers exactly as `elemental classify --model_path FOLDER` does through llama.cpp: the photo is
+// brought to the manifest's `image.photo_max_side` with the filter training used (Pillow's reduce +
+// Lanczos), libmtmd preprocesses it, only the overview image chunk is evaluated between the
+// manifest's prompt tokens (the instruction's KV cache is computed once), and every label is scored
+// from the next-token log-probabilities. Nothing is generated.
+//
+// Errors are values, never asserts or exceptions: every call that can fail returns an `Error` whose
+// message names the file, field or step, and leaves the classifier usable (or not created).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace elemental {
+
+// An error message; empty means success.
+struct Error {
+    std::string message;
+    explicit operator bool() const { return !message.empty(); }
+};
+
+// llama.cpp's weight repacking ("extra buffer types"): the fast path on phones (Q8_0/Q4_0 with
+// dotprod/i8mm kernels), a crash with llama.cpp's AMX kernels on Intel CPUs with AMX (llama.cpp#20824).
+enum class Repack {
+    Auto,  // on, unless this llama.cpp has AMX kernels and the CPU may have AMX
+    On,    // on; weights that land in an AMX buffer are still loaded again without it
+    Off,   // off (llama.cpp's --no-repack)
+};
+
+struct Options {
+    int n_threads = 0;           // 0: one per hardware thread
+    Repack repack = Repack::Auto;
+    std::string quant = "Q8_0";  // which text GGUF of the export to load
+    // Only for a llama.cpp built with GGML_BACKEND_DL (llama.cpp's Android example does so): the folder
+    // holding its libggml-cpu-*.so, e.g. the app's nativeLibraryDir. Empty: backends linked in, or found
+    // next to the executable.
+    std::string backend_dir;
+};
+
+struct Prediction {
+    std::string label;                 // the most probable label
+    int label_index = -1;              // its index in labels()
+    std::vector<double> probabilities; // one per label, in labels() order, summing to 1
+    double ms = 0.0;                   // time of classify(), pre-shrink included
+};
+
+// An 8-bit RGB image, rows top to bottom, 3 bytes per pixel, no padding.
+struct RgbImage {
+    int width = 0;
+    int height = 0;
+    std::vector<uint8_t> pixels;
+};
+
+// `rgb` brought to at most `max_side` on its long side (aspect kept, never upscaled) with the same
+// arithmetic as Pillow's `Image.resize(size, LANCZOS, reducing_gap=1.0)`, which is how elemental's
+// Python side shrinks photos (`images.bounded`): an integer box reduction, then Lanczos (a = 3) in
+// 8-bit fixed point. The result is pixel-identical to Pillow's for RGB images (tested).
+RgbImage shrink_to(const uint8_t * rgb, int width, int height, int max_side);
+
+class Classifier {
+public:
+    // Opens an export folder: checks manifest.json (format, fields), every file's size and sha256,
+    // loads the text model and the projector, checks that llama.cpp tokenizes the prompt as the
+    // export recorded, and decodes the instruction once. Returns nullptr and sets `error` on failure.
+    static std::unique_ptr<Classifier> open(const std::string & folder, const Options & options, Error & error);
+
+    ~Classifier();
+    Classifier(const Classifier &) = delete;
+    Classifier & operator=(const Classifier &) = delete;
+
+    // Classifies one photo given as RGB888 (`size` bytes, at least width * height * 3), upright.
+    // One call at a time per Classifier (llama.cpp's context is not thread-safe); open one per thread.
+    Error classify(const uint8_t * rgb, size_t size, int width, int height, Prediction & out);
+
+    const std::vector<std::string> & labels() const;
+    // Where the text model's weights live, as llama.cpp reported them at load ("CPU_Mapped", ...).
+    const std::vector<std::string> & weight_buffers() const;
+    bool repack() const;     // whether weight repacking ended up on
+    int n_threads() const;
+
+    struct Impl;
+
+private:
+    explicit Classifier(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace elemental
