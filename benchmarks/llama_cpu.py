@@ -26,21 +26,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from gguf_speed import ours_geometry, scratch_model  # this folder's benchmark: the same scratch copy
 
 from elemental.classify.gguf import GGUFClassifier
 from elemental.classify.llama_runtime import build_has_amx, system_info
 from elemental.config import TaskConfig
 from elemental.export.gguf import export_gguf
-from elemental.fileio import atomic_dir
 from elemental.hardware import this_cpu
-from elemental.model_io import load_processor
 from elemental.synthetic import build_full_size_random_model, synthetic_photo
 from elemental.task import Task
 
@@ -53,15 +51,7 @@ def exports(model_dir: Path, work: Path, task: Task) -> dict[str, Path]:
     if not (model_dir / "config.json").is_file():
         print(f"building the full-size random SmolVLM2-500M in {model_dir} ...", flush=True)
         build_full_size_random_model(model_dir, task)
-    merged = work / "model"  # the model as merge leaves it: our one-tile geometry saved with its processor
-    if not (merged / "config.json").is_file():
-        with atomic_dir(merged) as tmp:
-            for f in model_dir.iterdir():
-                if f.suffix == ".safetensors":
-                    (tmp / f.name).symlink_to(f.resolve())
-                elif f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            load_processor(tmp, longest_edge=512).save_pretrained(tmp)
+    merged = scratch_model(model_dir, work / "model", ours_geometry)  # as merge leaves it: one 512-px tile
     out = {"F16": work / "mmproj-F16", "Q8_0": work / "mmproj-Q8_0"}
     for mmproj, quants in (("F16", ("Q8_0", "Q4_K_M")), ("Q8_0", ("Q8_0",))):
         if not (out[mmproj] / "manifest.json").is_file():
