@@ -58,7 +58,11 @@ class FakeOpenAI:
     "good"; ("status", code, headers, body_dict); ("429", retry_after_seconds); "500";
     "malformed" (content that is not JSON); "off_list"; "confidence_high" (1.7); "confidence_text";
     "refusal"; "empty"; "no_reason"; ("slow", seconds) (then a good answer);
-    "echo_auth" (a 401 whose body repeats the Authorization header, as a careless server might).
+    "echo_auth" (a 401 whose body repeats the Authorization header, as a careless server might);
+    "truncated" (JSON cut off, finish_reason "length", as when max_tokens runs out); what real servers
+    send around a good answer: "fenced" (a ```json fence), "parts" (a list of content parts),
+    "chatty" (words before and after the JSON object).
+    `refuse_params` names request parameters answered with OpenAI's 400 "Unsupported parameter".
     """
 
     def __init__(
@@ -68,8 +72,11 @@ class FakeOpenAI:
         expected_key: str | None = None,
         labeler: Callable[[Image.Image], str] = element_of,
         batch_polls_to_complete: int = 2,
+        refuse_params: frozenset[str] = frozenset(),
     ) -> None:
         self.delay = delay
+        self.refuse_params = refuse_params
+        self.params_seen: list[dict[str, Any]] = []  # sampling parameters of every chat request
         self.expected_key = expected_key
         self.labeler = labeler
         self.batch_polls_to_complete = batch_polls_to_complete
@@ -135,6 +142,13 @@ class FakeOpenAI:
     # -- chat completions ----------------------------------------------------------------------
     def chat(self, body: dict[str, Any], auth: str, *, in_batch: bool = False) -> tuple[int, dict[str, str], Any]:
         """One chat completion: (HTTP status, extra headers, JSON body or raw bytes)."""
+        with self.lock:
+            self.params_seen.append({k: body[k] for k in ("max_tokens", "max_completion_tokens", "temperature",
+                                                          "seed") if k in body})
+        for name in sorted(self.refuse_params & body.keys()):
+            hint = " Use 'max_completion_tokens' instead." if name == "max_tokens" else ""
+            return 400, {}, {"error": {"message": f"Unsupported parameter: '{name}' is not supported with this "
+                                                  f"model.{hint}", "type": "invalid_request_error", "param": name}}
         try:
             jpeg, detail, labels = _check_request(body)
         except ValueError as e:
@@ -183,9 +197,18 @@ class FakeOpenAI:
             element = labels[0]
         answer: dict[str, Any] = {"element": element, "reason": f"the photo looks like {element}",
                                   "confidence": 0.9}
-        content: str | None = json.dumps(answer)
+        content: Any = json.dumps(answer)
         refusal = None
-        if kind == "malformed":
+        finish = "stop"
+        if kind == "truncated":
+            content, finish = content[: len(content) // 2], "length"
+        elif kind == "fenced":
+            content = f"```json\n{content}\n```"
+        elif kind == "parts":
+            content = [{"type": "text", "text": content}]
+        elif kind == "chatty":
+            content = f"Here is the label you asked for: {content} Let me know if you need more."
+        elif kind == "malformed":
             content = '{"element": "' + element + '", "reason": oops'
         elif kind == "off_list":
             content = json.dumps({**answer, "element": "plasma"})
@@ -213,7 +236,7 @@ class FakeOpenAI:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                          "message": {"role": "assistant", "content": content, "refusal": refusal}}],
             "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
         }

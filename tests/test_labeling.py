@@ -244,15 +244,110 @@ def test_5xx_and_timeouts_are_retried(server, teacher_factory, task):
     assert teacher.report()["retries"] == 3
 
 
-def test_exhausted_retries_stop_the_run_with_a_clear_keyless_error(server, teacher_factory, task):
-    photos, _ = make_photos(task, 3)
-    server.default = ["500"]
+def test_a_persistent_server_error_rejects_the_photo_and_the_run_goes_on(server, teacher_factory, task):
+    photos, truth = make_photos(task, 3)
+    sha, data = photos[0]
+    server.script(key_of(data), "500", "500")  # the first try and its one retry
     teacher = teacher_factory(max_retries=1)
+    results = teacher.label_many(photos, progress=False)
+    r = results[sha]
+    assert r.status == "rejected" and r.reject_reason.startswith("server_error:") and "500" in r.reject_reason
+    assert KEY not in r.reject_reason
+    assert all(results[s].element == truth[s] for s, _ in photos[1:])  # the others were labeled meanwhile
+    assert LabelCache(teacher.cache_path).get(sha, teacher.model, teacher.prompt_version).status == "rejected"
+    asked = server.requests[key_of(data)]
+    again = teacher_factory(max_retries=1).label_many(photos, progress=False)  # a re-run does not ask again...
+    assert again[sha].cached and server.requests[key_of(data)] == asked
+    retried = teacher_factory(max_retries=1, retry_rejected=True).label_many(photos, progress=False)
+    assert retried[sha].status == "ok" and retried[sha].element == truth[sha]  # ...unless told to
+    assert sum(server.billed.values()) == 3  # and the good answers were never paid twice
+
+
+def test_a_timeout_that_persists_is_a_per_photo_server_error(server, teacher_factory, task):
+    photos, truth = make_photos(task, 2)
+    sha, data = photos[0]
+    server.script(key_of(data), ("slow", 1.0), ("slow", 1.0))
+    results = teacher_factory(timeout=0.3, max_retries=1).label_many(photos, progress=False)
+    assert results[sha].status == "rejected" and results[sha].reject_reason.startswith("server_error:")
+    assert results[photos[1][0]].element == truth[photos[1][0]]
+
+
+def test_consecutive_failures_stop_the_run_with_a_clear_keyless_error(server, teacher_factory, task):
+    photos, _ = make_photos(task, 5)
+    server.default = ["500"]
+    teacher = teacher_factory(max_retries=0, num_workers=1, max_consecutive_failures=3)
     with pytest.raises(ElementalError) as e:
         teacher.label_many(photos, progress=False)
     msg = str(e.value)
-    assert "500" in msg and "re-run" in msg and KEY not in msg and "\n" not in msg
-    assert LabelCache(teacher.cache_path).stats()["entries"] == 0  # nothing paid, nothing recorded
+    assert "3 requests in a row failed" in msg and "500" in msg and "--retry-rejected" in msg
+    assert KEY not in msg and "\n" not in msg
+    assert sum(server.requests.values()) == 3  # it stopped asking
+
+
+@pytest.mark.parametrize("status, needle", [(401, "the key was refused"), (403, "the key was refused"),
+                                            (404, "was not found"), (429, "rate limited")])
+def test_systemic_faults_stop_at_once(server, teacher_factory, task, status, needle):
+    photos, _ = make_photos(task, 4)
+    server.default = [("status", status, {}, {"error": {"message": f"failure {status}"}})]
+    with pytest.raises(ElementalError, match=needle) as e:
+        teacher_factory(max_retries=0, num_workers=1).label_many(photos, progress=False)
+    assert KEY not in str(e.value) and sum(server.requests.values()) == 1
+
+
+def test_an_unreachable_server_is_not_cached_and_stops_after_the_streak(task, tmp_path):
+    with FakeOpenAI() as gone:
+        url = gone.base_url  # a port that nothing listens on once this server is closed
+    photos, _ = make_photos(task, 4)
+    teacher = Teacher(task, cache_path=tmp_path / "c.sqlite", base_url=url, api_key=KEY, max_retries=0,
+                      num_workers=1, max_consecutive_failures=2)
+    with pytest.raises(ElementalError, match="2 requests in a row failed"):
+        teacher.label_many(photos, progress=False)
+    assert LabelCache(tmp_path / "c.sqlite").stats()["entries"] == 0  # nothing reached a server: ask again later
+    teacher.close()
+
+
+# -- what real servers take and send -----------------------------------------------------------------
+
+def test_requests_cap_tokens_and_are_deterministic(server, teacher_factory, task):
+    photos, _ = make_photos(task, 2)
+    teacher = teacher_factory()
+    teacher.label_many(photos, progress=False)
+    assert server.params_seen and all(p == {"max_tokens": 300, "temperature": 0.0, "seed": 0}
+                                      for p in server.params_seen)
+    assert teacher.report()["request_params"] == {"max_tokens": 300, "temperature": 0.0, "seed": 0}
+
+
+def test_parameters_an_endpoint_refuses_are_adapted_once(task, tmp_path):
+    with FakeOpenAI(refuse_params=frozenset({"max_tokens", "seed"})) as server:
+        photos, truth = make_photos(task, 3)
+        teacher = Teacher(task, cache_path=tmp_path / "c.sqlite", base_url=server.base_url, api_key=KEY,
+                          num_workers=1)
+        results = teacher.label_many(photos, progress=False)
+        assert all(results[s].element == truth[s] for s, _ in photos)
+        assert server.params_seen[-1] == {"max_completion_tokens": 300, "temperature": 0.0}
+        assert sum(1 for p in server.params_seen if "max_tokens" in p or "seed" in p) == 2  # one refusal each
+        assert sorted(teacher.report()["adapted_to_endpoint"]) == [
+            "max_tokens sent as max_completion_tokens", "seed not sent (the endpoint refused it)"]
+        teacher.close()
+
+
+@pytest.mark.parametrize("kind", ["fenced", "parts", "chatty"])
+def test_answers_wrapped_as_real_servers_wrap_them_are_read(server, teacher_factory, task, kind):
+    photos, truth = make_photos(task, 1)
+    sha, data = photos[0]
+    server.script(key_of(data), kind)
+    r = teacher_factory().label_many(photos, progress=False)[sha]
+    assert r.status == "ok" and r.element == truth[sha] and r.attempts == 1
+
+
+def test_an_answer_cut_off_by_the_token_cap_is_reasked_then_rejected(server, teacher_factory, task):
+    photos, truth = make_photos(task, 2)
+    (sha, data), (sha_b, data_b) = photos
+    server.script(key_of(data), "truncated", "truncated", "truncated")
+    server.script(key_of(data_b), "truncated")
+    results = teacher_factory(max_reasks=2).label_many(photos, progress=False)
+    assert results[sha].status == "rejected" and results[sha].reject_reason.startswith("truncated:")
+    assert results[sha_b].status == "ok" and results[sha_b].element == truth[sha_b]  # the re-ask was enough
 
 
 # -- bad answers -----------------------------------------------------------------------------------

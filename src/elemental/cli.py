@@ -63,6 +63,15 @@ def prepare(
                                                help="Teacher API key (better: env OPENAI_API_KEY).")] = None,
     num_workers: Annotated[int | None, _opt("--num-workers", "--num_workers", help="Teacher requests in flight.")]
     = None,
+    labeler_temperature: Annotated[float | None, _opt("--labeler-temperature", help="Teacher sampling "
+                                                      "temperature (0).")] = None,
+    labeler_max_tokens: Annotated[int | None, _opt("--labeler-max-tokens", help="Cap on the teacher's answer "
+                                                   "tokens (300).")] = None,
+    max_consecutive_failures: Annotated[int | None, _opt("--max-consecutive-failures", help="Failed teacher "
+                                                         "requests in a row that stop the run (10).")] = None,
+    retry_rejected: Annotated[bool | None, typer.Option("--retry-rejected", help="Ask the teacher again about "
+                                                        "photos it rejected before (e.g. for server errors).",
+                                                        show_default=False)] = None,
     batch: Annotated[bool | None, typer.Option("--batch/--no-batch", help="Label through the OpenAI Batch API.",
                                                show_default=False)] = None,
     relabel_only: Annotated[bool | None, typer.Option("--relabel-only", help="Re-filter from cached answers; "
@@ -79,6 +88,8 @@ def prepare(
     from .pipeline import stage_prepare
 
     if openai_api_key:
+        print("warning: --openai-api-key leaves the key in the process list and your shell history; "
+              "prefer the OPENAI_API_KEY environment variable", file=sys.stderr)
         os.environ["OPENAI_API_KEY"] = openai_api_key  # process env only: never in config, logs or metadata
     cfg, task = _load(config, {
         "prepare.sources": source or None, "prepare.queries": query or None, "prepare.output_dir": output_dir,
@@ -86,6 +97,8 @@ def prepare(
         "prepare.min_confidence": min_confidence, "prepare.val_fraction": val_fraction, "prepare.seed": seed,
         "prepare.labeler_model": labeler_model, "prepare.labeler_base_url": labeler_base_url,
         "prepare.num_workers": num_workers, "prepare.batch": batch, "prepare.relabel_only": relabel_only,
+        "prepare.labeler_temperature": labeler_temperature, "prepare.labeler_max_tokens": labeler_max_tokens,
+        "prepare.max_consecutive_failures": max_consecutive_failures, "prepare.retry_rejected": retry_rejected,
         "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
         "prepare.openverse_api_url": openverse_api_url, "prepare.hf_dataset": hf_dataset,
     })

@@ -69,6 +69,11 @@ class PrepareConfig(_Section):
     labeler_base_url: str | None = None  # default: env OPENAI_BASE_URL, else OpenAI
     num_workers: int = Field(4, ge=1, le=64)
     max_reasks: int = Field(2, ge=0, le=10)
+    labeler_temperature: float = Field(0.0, ge=0.0, le=2.0)
+    labeler_max_tokens: int = Field(300, ge=16)  # an answer is ~40 tokens; a rambling local model stops here
+    labeler_seed: int | None = 0  # sent when the endpoint takes one (dropped when it refuses it)
+    max_consecutive_failures: int = Field(10, ge=1)  # failed requests in a row that stop the run
+    retry_rejected: bool = False  # ask again about photos whose cached answer is a rejection
     detail: Literal["low", "high", "auto"] = "low"
     label_cache: Path | None = None  # default: ~/.cache/elemental/labels.sqlite, shared by every dataset
     batch: bool = False  # OpenAI Batch API (half price, hours) for large sets

@@ -12,7 +12,14 @@ and never keeping a bad answer:
   answer is re-asked a bounded number of times, then recorded as rejected with the reason.
 * HTTP retries (429/5xx/timeouts, with exponential backoff that honours `Retry-After`) are the
   `openai` SDK's own (`max_retries`); the tests prove against a loopback server that it waits at least
-  the delay the server asked for.
+  the delay the server asked for. A fault that outlasts them stays the photo's: a 5xx or a timeout
+  makes it `rejected: server_error ...` (cached; `retry_rejected` asks again) and the run goes on. Only
+  systemic faults stop a run: a refused key (401/403), an unknown model or endpoint (404), an exhausted
+  quota (429), or `max_consecutive_failures` failures in a row.
+* Requests fit real servers (llama-server, vLLM, Ollama as well as OpenAI): `max_tokens`, temperature 0
+  and a seed are sent; a server that refuses one of them by name gets the request without it (or, for
+  max_tokens, with max_completion_tokens). Answers are read leniently (code fences, text parts around
+  the JSON) and validated strictly.
 * The API key never reaches a log, a file, the cache or an exception message: SDK errors are
   re-raised as one-line ElementalErrors with the key (and anything that looks like a key) scrubbed.
 """
@@ -57,7 +64,14 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY_PLACEHOLDER = "no-key"  # local servers (llama-server, vLLM, Ollama) ignore the key but the SDK wants one
 SCHEMA_NAME = "element_label"
 MAX_REASON_CHARS = 300
-REFUSED_STREAK_LIMIT = 10  # this many 4xx refusals in a row means a configuration problem, not bad photos
+# An answer is ~40 tokens; a cap a few times that stops a local model that rambles (or loops inside the
+# reason string) with finish_reason=length, which is re-asked, instead of running to the context limit.
+MAX_ANSWER_TOKENS = 300
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_SEED = 0
+# This many failed requests in a row (refusals, server errors, timeouts) means the endpoint or the
+# configuration is broken, not the photos: the run stops with one line instead of rejecting them all.
+MAX_CONSECUTIVE_FAILURES = 10
 
 # USD per 1M tokens (input, output), standard tier. The Batch API costs half.
 PRICES_PER_1M: dict[str, tuple[float, float]] = {
@@ -186,13 +200,52 @@ def judge_completion(task: Task, completion: ChatCompletion) -> _Verdict:
     tout = int(usage.completion_tokens or 0) if usage else 0
     if not completion.choices:
         return _Verdict(None, "empty: the answer has no choices", "", tin, tout)
-    message = completion.choices[0].message
+    choice = completion.choices[0]
+    message = choice.message
     refusal = getattr(message, "refusal", None)
     if refusal:
         return _Verdict(None, f"refusal: {_one_line(refusal, 120)}", refusal, tin, tout)
-    text = message.content or ""
+    text = _content_text(message.content)
     answer, problem = parse_answer(task, text)
+    if answer is None and choice.finish_reason == "length":
+        problem = f"truncated: the answer hit the token limit before its JSON ended ({problem})"
     return _Verdict(answer, problem, text, tin, tout)
+
+
+def _content_text(content: Any) -> str:
+    """A message's text: a string, or (some servers) a list of content parts whose text parts are joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") if isinstance(p, dict) else getattr(p, "text", "") for p in content]
+        return "".join(p for p in parts if isinstance(p, str))
+    return str(content)
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+def _json_object(text: str) -> Any:
+    """The JSON in `text`, read leniently: inside a ``` fence, or the first object with words around it.
+
+    Raises json.JSONDecodeError for the text as a whole when no object can be read.
+    """
+    stripped = text.strip()
+    fenced = _FENCE.match(stripped)
+    if fenced:
+        stripped = fenced.group(1).strip()
+    try:
+        return json.loads(stripped)
+    except json.JSONDecodeError as whole:
+        start = stripped.find("{")
+        if start < 0:
+            raise whole from None
+        try:
+            return json.JSONDecoder().raw_decode(stripped, start)[0]
+        except json.JSONDecodeError:
+            raise whole from None
 
 
 def parse_answer(task: Task, text: str) -> tuple[Answer | None, str | None]:
@@ -200,7 +253,7 @@ def parse_answer(task: Task, text: str) -> tuple[Answer | None, str | None]:
     if not text.strip():
         return None, "empty: the answer has no content"
     try:
-        data = json.loads(text)
+        data = _json_object(text)
     except json.JSONDecodeError as e:
         return None, f"invalid_json: not JSON ({e.msg} at char {e.pos})"
     if not isinstance(data, dict):
@@ -310,8 +363,17 @@ class _Stats:
                 self.rejects_by_reason[_reject_code(result.reject_reason)] += 1
 
 
-class _Refused(Exception):
-    """The API refused this one request (4xx other than auth/rate limit): the photo's problem, not the run's."""
+class _PhotoFailure(Exception):
+    """A request for this one photo failed after the SDK's retries; the photo is rejected, the run goes on.
+
+    `code` is the rejection's code: "api_error" (the endpoint refused the request: 400/413/415/422) or
+    "server_error" (5xx, timeout, lost connection). `cache` says whether to record it: everything but a
+    connection that never reached a server, which cost nothing and should simply be asked again.
+    """
+
+    def __init__(self, code: str, text: str, cache: bool):
+        super().__init__(text)
+        self.code, self.cache = code, cache
 
 
 # -- the teacher -------------------------------------------------------------------------------------
@@ -333,7 +395,14 @@ class Teacher:
         timeout: float = 60.0,
         detail: Detail = DEFAULT_DETAIL,
         max_side: int = DEFAULT_MAX_SIDE,
+        temperature: float = DEFAULT_TEMPERATURE,
+        seed: int | None = DEFAULT_SEED,
+        max_tokens: int = MAX_ANSWER_TOKENS,
+        max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
+        retry_rejected: bool = False,
     ) -> None:
+        if max_consecutive_failures < 1 or max_tokens < 16:
+            raise ElementalError("max_consecutive_failures must be at least 1 and max_tokens at least 16")
         if num_workers < 1:
             raise ElementalError(f"num_workers must be at least 1, got {num_workers}")
         if max_reasks < 0 or max_retries < 0:
@@ -366,8 +435,16 @@ class Teacher:
         self._cache = LabelCache(self.cache_path)
         self._client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout)
         self._stats = _Stats()
-        self._streak_lock = threading.Lock()
-        self._refused_streak = 0
+        self.max_consecutive_failures = max_consecutive_failures
+        self.retry_rejected = retry_rejected
+        self._retried: set[str] = set()  # with retry_rejected: photos asked again in this Teacher's life
+        # Sampling settings sent with every request; a server that rejects one by name loses it (_adapt).
+        self._params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+        if seed is not None:
+            self._params["seed"] = seed
+        self.adapted: list[str] = []  # what was changed for this server, for the report
+        self._state_lock = threading.Lock()
+        self._failure_streak = 0
         self._inflight_lock = threading.RLock()  # RLock: a done callback may run inside the lock
         self._inflight: dict[str, Future[LabelResult]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -490,6 +567,8 @@ class Teacher:
                 "labeled": s.labeled,
                 "rejected": s.rejected,
                 "rejects_by_reason": dict(s.rejects_by_reason),
+                "request_params": self.request_params(),
+                "adapted_to_endpoint": list(self.adapted),
             }
 
     def spent_usd(self) -> float | None:
@@ -498,7 +577,7 @@ class Teacher:
     # -- the normal (synchronous) path ---------------------------------------------------------
     def _cached_results(self, unique: dict[str, bytes]) -> dict[str, LabelResult]:
         rows = self._cache.get_many(unique, self.model, self.prompt_version)
-        results = {sha: _result_from_row(row, cached=True) for sha, row in rows.items()}
+        results = {sha: _result_from_row(row, cached=True) for sha, row in rows.items() if not self._ask_again(row)}
         for r in results.values():
             self._stats.count_result(r)
         return results
@@ -572,8 +651,11 @@ class Teacher:
         if prior is None:
             # Another call (or process) may have answered it since this call read the cache.
             row = self._cache.get(sha, self.model, self.prompt_version)
-            if row is not None:
+            if row is not None and not self._ask_again(row):
                 return _result_from_row(row, cached=True)
+        if self.retry_rejected:
+            with self._state_lock:
+                self._retried.add(sha)
         try:
             jpeg = teacher_jpeg(image, self.max_side, name=f"photo {sha[:12]}")
         except ElementalError as e:
@@ -590,8 +672,9 @@ class Teacher:
                 self._stats.add(reasks=1)
             try:
                 completion = self._create(messages)
-            except _Refused as e:
-                return self._reject(sha, f"api_error: {e}", _Prior(attempts, tin, tout), store=attempts > 0)
+            except _PhotoFailure as e:
+                return self._reject(sha, f"{e.code}: {e}", _Prior(attempts, tin, tout),
+                                    store=attempts > 0 or e.cache)
             verdict = judge_completion(self.task, completion)
             attempts += 1
             tin += verdict.tokens_in
@@ -614,38 +697,98 @@ class Teacher:
                             attempts=p.attempts, tokens_in=p.tokens_in, tokens_out=p.tokens_out)
         return LabelResult(sha, "rejected", None, None, None, reason, False, p.tokens_in, p.tokens_out, p.attempts)
 
+    def _ask_again(self, row: Any) -> bool:
+        """With retry_rejected, a cached rejection is asked about again (once in this Teacher's life)."""
+        if not self.retry_rejected or row.status != "rejected":
+            return False
+        with self._state_lock:
+            return row.sha256 not in self._retried
+
+    def request_params(self) -> dict[str, Any]:
+        """max_tokens, temperature and seed as this endpoint takes them (see `_adapt`)."""
+        with self._state_lock:
+            return dict(self._params)
+
     def _create(self, messages: list[dict[str, Any]]) -> ChatCompletion:
-        """One chat completion; the SDK retries 429/5xx/timeouts itself, honouring Retry-After."""
-        try:
-            raw = self._client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, response_format=response_format(self.task),  # type: ignore[arg-type]
-            )
-            completion = raw.parse()
-        except openai.OpenAIError as e:
-            # Built outside the `except` so no traceback chains the SDK error (its request holds the key).
-            failure: Exception = e
-        else:
-            failure = None
-        if failure is not None:
+        """One chat completion; the SDK retries 429/5xx/timeouts itself, honouring Retry-After.
+
+        What still fails is sorted: the photo's problem (`_PhotoFailure`: the run goes on) or the run's
+        (ElementalError: auth, unknown model, exhausted quota, or too many failures in a row).
+        """
+        while True:
+            params = self.request_params()
+            try:
+                raw = self._client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=messages, response_format=response_format(self.task),  # type: ignore[arg-type]
+                    **params,
+                )
+                completion = raw.parse()
+            except openai.OpenAIError as e:
+                # Built outside the `except` so no traceback chains the SDK error (its request holds the key).
+                failure: Exception = e
+            else:
+                failure = None
+            if failure is None:
+                break
             self._stats.add(api_errors=1)
-            if isinstance(failure, openai.APIStatusError) and failure.status_code in (400, 413, 415, 422):
-                self._note_refusal(failure)
-                raise _Refused(self._error_text(failure))
-            raise self._fatal(failure)
-        with self._streak_lock:
-            self._refused_streak = 0
+            if not self._adapt(failure, params):
+                raise self._sort_failure(failure)
+        with self._state_lock:
+            self._failure_streak = 0
         self._stats.add(requests=1, retries=raw.retries_taken)
         if not isinstance(completion, ChatCompletion):
             raise self._fatal_text(f"the endpoint answered with something that is not a chat completion "
                                    f"({type(completion).__name__})")
         return completion
 
-    def _note_refusal(self, e: Exception) -> None:
-        with self._streak_lock:
-            self._refused_streak += 1
-            streak = self._refused_streak
-        if streak >= REFUSED_STREAK_LIMIT:
-            raise self._fatal_text(f"{streak} requests in a row were refused, last: {self._error_text(e)}")
+    def _adapt(self, failure: Exception, sent: dict[str, Any]) -> bool:
+        """A 400 that names one of our sampling parameters: drop it (or rename max_tokens) and say to retry.
+
+        OpenAI's reasoning models want max_completion_tokens and no temperature; some servers refuse seed.
+        """
+        if not isinstance(failure, openai.BadRequestError):
+            return False
+        text = str(failure).lower()
+        for name in ("max_tokens", "max_completion_tokens", "temperature", "seed"):
+            if name not in sent or not re.search(rf"\b{name}\b", text):
+                continue
+            with self._state_lock:
+                if name not in self._params:
+                    return True  # another thread adapted it already: retry with what is there now
+                value = self._params.pop(name)
+                if name == "max_tokens" and "max_completion_tokens" in text:
+                    self._params["max_completion_tokens"] = value
+                    self.adapted.append("max_tokens sent as max_completion_tokens")
+                else:
+                    self.adapted.append(f"{name} not sent (the endpoint refused it)")
+            log.warning("teacher endpoint refused %s: %s", name, self.adapted[-1])
+            return True
+        return False
+
+    def _sort_failure(self, e: Exception) -> Exception:
+        """The photo's problem (_PhotoFailure) or the run's (ElementalError), after the SDK's own retries."""
+        if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
+            return self._fatal_text(f"the key was refused ({self._error_text(e)}); check OPENAI_API_KEY")
+        if isinstance(e, openai.NotFoundError):
+            return self._fatal_text(f"model {self.model!r} or the endpoint was not found ({self._error_text(e)}); "
+                                    "check --labeler-model and --labeler-base-url")
+        if isinstance(e, openai.RateLimitError):
+            return self._fatal_text(f"still rate limited after retries, or out of quota ({self._error_text(e)})")
+        if isinstance(e, openai.APIStatusError) and e.status_code in (400, 413, 415, 422):
+            failure = _PhotoFailure("api_error", self._error_text(e), cache=False)
+        elif isinstance(e, openai.APIStatusError) and e.status_code >= 500 or isinstance(e, openai.APITimeoutError):
+            failure = _PhotoFailure("server_error", self._error_text(e), cache=True)
+        elif isinstance(e, openai.APIConnectionError):
+            failure = _PhotoFailure("server_error", self._error_text(e), cache=False)  # never reached a server
+        else:
+            return self._fatal(e)
+        with self._state_lock:
+            self._failure_streak += 1
+            streak = self._failure_streak
+        if streak >= self.max_consecutive_failures:
+            return self._fatal_text(f"{streak} requests in a row failed (max_consecutive_failures), last: {failure}; "
+                                    "photos rejected for server errors are asked again with --retry-rejected")
+        return failure
 
     # -- the Batch API path --------------------------------------------------------------------
     def _submit_batches(self, photos: dict[str, bytes]) -> dict[str, LabelResult]:
@@ -665,7 +808,7 @@ class Teacher:
                 self._stats.count_result(unreadable[sha])
                 continue
             body = {"model": self.model, "messages": chat_messages(self.task, jpeg, self.detail),
-                    "response_format": response_format(self.task)}
+                    "response_format": response_format(self.task), **self.request_params()}
             line = {"custom_id": sha, "method": "POST", "url": BATCH_ENDPOINT, "body": body}
             lines.append((sha, (json.dumps(line, separators=(",", ":")) + "\n").encode("utf-8")))
         for n, chunk in enumerate(_batch_chunks(lines)):

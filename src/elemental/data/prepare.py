@@ -187,10 +187,12 @@ class _Labeler:
         if self._teacher is None:
             from .labeling import Teacher
 
+            c = self.cfg
             self._teacher = Teacher(
-                self.task, cache_path=self.cache_path, model=self.cfg.labeler_model,
-                base_url=self.cfg.labeler_base_url, num_workers=self.cfg.num_workers,
-                max_reasks=self.cfg.max_reasks, detail=self.cfg.detail,
+                self.task, cache_path=self.cache_path, model=c.labeler_model, base_url=c.labeler_base_url,
+                num_workers=c.num_workers, max_reasks=c.max_reasks, detail=c.detail,
+                temperature=c.labeler_temperature, seed=c.labeler_seed, max_tokens=c.labeler_max_tokens,
+                max_consecutive_failures=c.max_consecutive_failures, retry_rejected=c.retry_rejected,
             )
         return self._teacher
 
