@@ -104,6 +104,9 @@ def test_duplicates_dropped(tree: Path, tmp_path: Path):
     # Folders are read in name order: land/copy.jpg comes first, so both water copies are the duplicates.
     assert {d["source_id"] for d in meta["duplicates"]} == {
         "water/water_0000.jpg", "water/copy.jpg", "land/resaved.png", "land/resaved.bmp"}
+    twins = {d["source_id"]: d["duplicate_of"] for d in meta["duplicates"]}  # each names the photo it repeats
+    assert twins["water/water_0000.jpg"] == twins["water/copy.jpg"] == {"source": "local", "source_id": "land/copy.jpg"}
+    assert twins["land/resaved.png"]["source_id"] == twins["land/resaved.bmp"]["source_id"] == "land/land_0002.png"
     # One copy of each photo is kept (the first met); the new WebP deep inside fire/ is found.
     assert sum(meta["counts"]["total"].values()) == len(TASK.labels) * PER_CLASS + 1
     assert meta["counts"]["total"]["fire"] == PER_CLASS + 1
@@ -230,3 +233,33 @@ def test_hugging_face_export_loads_back(photos: Path, tmp_path: Path):
     row = loaded["validation"][0]
     assert row["image"].size[0] > 0 and TASK.labels[row["element"]] in TASK.labels
     assert loaded["train"].features["element"].names == list(TASK.labels)
+
+
+# -- per_class_target and num_images ----------------------------------------------------------------------
+
+def _labelled_items(per_label: int) -> list:
+    from elemental.data.prepare import _Item
+    from elemental.data.sources import Photo
+
+    return [_Item(Photo(b"", "local", f"{label}/{i}"), f"{label}{i:05d}", b"", 1, 1, "0" * 16, b"", element=label,
+                  confidence=0.9) for label in TASK.labels for i in range(per_label)]
+
+
+def test_per_class_target_is_not_capped_by_a_default_photo_count():
+    """300 per class x 5 labels is 1,500 photos: the old default num_images of 1,000 kept 200 per class."""
+    from elemental.data.prepare import _select, _Tally
+
+    cfg = PrepareConfig(sources=["folder:x"], per_class_target=300)
+    kept = _select(_labelled_items(320), cfg, TASK, _Tally(), set())
+    assert len(kept) == 1500 and cfg.photo_cap(len(TASK.labels)) == 1500
+    assert PrepareConfig(sources=["folder:x"]).photo_cap(5) == 1000  # no target: the seed's default
+
+
+def test_per_class_target_and_num_images_that_contradict_are_one_clear_error(photos: Path, tmp_path: Path):
+    from elemental.config import RunConfig
+
+    with pytest.raises(ValueError, match="per_class_target 300 x 5 labels = 1500 photos, more than num_images 1000"):
+        RunConfig.model_validate({"prepare": {"per_class_target": 300, "num_images": 1000}})
+    with pytest.raises(ElementalError, match="raise num_images to 15 or leave it unset"):
+        _prepare(photos, tmp_path / "ds", per_class_target=3, num_images=10)
+    assert not (tmp_path / "ds").exists()

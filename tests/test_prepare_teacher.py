@@ -133,14 +133,15 @@ def _photo_unsplash():
     return fake, web
 
 
-def _prepare_unsplash(tmp_path, server, fake, *extra):
+def _prepare_unsplash(tmp_path, server, fake, *extra, source="unsplash"):
     from test_sources import KEY as UNSPLASH_KEY
 
     os.environ["UNSPLASH_ACCESS_KEY"] = UNSPLASH_KEY
     try:
-        return _prepare(tmp_path, "--source", "unsplash", "--query", "ocean", "--query", "forest",
+        return _prepare(tmp_path, "--source", source, "--query", "ocean", "--query", "forest",
                         "--unsplash-api-url", fake.base, "--output_dir", "ds", "--labeler-base-url",
-                        server.base_url, "--label-cache", "c.sqlite", "--min_confidence", "0.5", *extra)
+                        server.base_url, "--label-cache", "c.sqlite", "--min_confidence", "0.5",
+                        "--allow-private-urls", *extra)  # the test servers are on loopback
     finally:
         os.environ.pop("UNSPLASH_ACCESS_KEY", None)
 
@@ -171,17 +172,20 @@ def test_unsplash_photos_labelled_and_tracked_once_per_kept_photo(tmp_path, serv
             assert UNSPLASH_KEY.encode() not in p.read_bytes() and KEY.encode() not in p.read_bytes(), p
 
 
-def test_unsplash_rate_limit_stop_then_rerun_continues(tmp_path, server):
+@pytest.mark.parametrize("spelling", ["unsplash", "Unsplash"])  # source kinds are case-insensitive
+def test_unsplash_rate_limit_stop_then_rerun_continues(tmp_path, server, spelling):
     fake, web = _photo_unsplash()
     try:
         fake.budget = 8  # the API's remaining calls: the first run stops cleanly with what it has
-        first = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20")
+        first = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20", source=spelling)
         assert first.returncode == 0, first.stderr[-2000:]
+        assert "Unsplash's API terms" in first.stdout
         before = {r["source_id"] for r in _kept(tmp_path)}
         assert 2 <= len(before) < 20
-        assert json.loads((tmp_path / "ds" / "metadata.json").read_text())["notes"]  # says it stopped early
+        meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+        assert meta["notes"] and meta["complete"] is False and meta["unsplash_terms"]  # says it stopped early
         fake.budget = 100  # the limit resets: a re-run continues instead of starting over
-        second = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20")
+        second = _prepare_unsplash(tmp_path, server, fake, "--num_images", "20", source=spelling)
         assert second.returncode == 0, second.stderr[-2000:]
     finally:
         web.stop()
@@ -208,3 +212,42 @@ def test_batch_mode_through_prepare(tmp_path, server):
     assert res.returncode == 0, res.stderr[-2000:]
     meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
     assert meta["teacher"]["batches_submitted"] >= 1 and meta["n_train"] + meta["n_val"] == 15
+
+
+def test_run_runs_again_a_prepare_whose_api_source_stopped_early(tmp_path, server):
+    """`elemental run` must not call a rate-limited prepare up to date: the re-run it recommends must happen."""
+    from test_sources import KEY as UNSPLASH_KEY
+
+    fake, web = _photo_unsplash()
+    (tmp_path / "run.toml").write_text(
+        'stages = ["prepare"]\n[prepare]\nsources = ["unsplash"]\nqueries = ["ocean", "forest"]\noutput_dir = "ds"\n'
+        f'num_images = 20\nmin_confidence = 0.5\nlabeler_base_url = "{server.base_url}"\nlabel_cache = "c.sqlite"\n'
+        f'unsplash_api_url = "{fake.base}"\nallow_private_urls = true\n[train]\noutput_dir = "run"\n')
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "UNSPLASH_ACCESS_KEY": UNSPLASH_KEY}
+
+    def run() -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, "-m", "elemental", "run", "run.toml"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res
+
+    try:
+        fake.budget = 8
+        run()
+        fake.budget = 100
+        second = run()
+        third = run()
+    finally:
+        web.stop()
+    assert "prepare: running (an API source stopped early last time" in second.stdout
+    assert len(_kept(tmp_path)) == 20
+    assert "prepare: up to date, skipped" in third.stdout  # complete now: nothing more to collect
+
+
+def test_api_key_on_the_command_line_is_warned_about_and_never_shown(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=2)
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                   server.base_url, "--label-cache", "c.sqlite", "--openai_api_key", KEY, key=None)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--openai-api-key leaves the key in the process list and your shell history" in res.stderr
+    assert KEY not in res.stderr and KEY not in res.stdout

@@ -20,7 +20,15 @@ import pytest
 from PIL import Image
 
 from elemental.data import sources
-from elemental.data.sources import UNSPLASH_TERMS_NOTE, Photo, Rejected, open_source
+from elemental.data.sources import (
+    UNSPLASH_TERMS_NOTE,
+    Photo,
+    Rejected,
+    is_private_host,
+    open_source,
+    source_kind,
+    stored_url,
+)
 from elemental.errors import ElementalError
 from elemental.images import open_image_bytes
 
@@ -199,7 +207,7 @@ def unsplash(serve, monkeypatch: pytest.MonkeyPatch) -> FakeUnsplash:
 
 def _unsplash(task, fake: FakeUnsplash, queries: list[str], num_images: int, **kw):
     return open_source("unsplash", task, queries=queries, num_images=num_images, unsplash_api_url=fake.base,
-                       openverse_api_url=None, timeout=5, **kw)
+                       openverse_api_url=None, timeout=5, allow_private_urls=True, **kw)
 
 
 def _no_key_anywhere(*things: Any) -> None:
@@ -358,9 +366,9 @@ def test_unsplash_key_never_leaks_even_when_the_server_echoes_it(task, serve, mo
     base = serve(app).url
     monkeypatch.setenv("UNSPLASH_ACCESS_KEY", KEY)
     with pytest.raises(ElementalError) as e:
-        list(open_source("unsplash", task, queries=["echo"], unsplash_api_url=base))
+        list(open_source("unsplash", task, queries=["echo"], unsplash_api_url=base, allow_private_urls=True))
     assert "HTTP 400" in str(e.value) and KEY not in str(e.value)
-    with open_source("unsplash", task, queries=["x"], unsplash_api_url=base) as stream:
+    with open_source("unsplash", task, queries=["x"], unsplash_api_url=base, allow_private_urls=True) as stream:
         items = list(stream)
         for item in items:
             if isinstance(item, Photo):
@@ -380,6 +388,7 @@ class FakeOpenverse:
     requests: list[dict[str, str]] = field(default_factory=list)
     throttle_once: bool = False
     base: str = ""
+    image_base: str = ""  # where item URLs point (default: this server)
 
     def app(self, req: Req) -> Reply:
         if req.path.startswith("/files/"):
@@ -396,7 +405,7 @@ class FakeOpenverse:
         page, size = int(req.query["page"]), int(req.query["page_size"])
         chunk = self.ids[(page - 1) * size : page * size]
         results = [{
-            "id": i, "title": f"Photo {i}", "url": f"{self.base}/files/{i}.jpg",
+            "id": i, "title": f"Photo {i}", "url": f"{self.image_base or self.base}/files/{i}.jpg",
             "foreign_landing_url": f"https://www.flickr.com/photos/x/{i}", "creator": "Bo Maker",
             "creator_url": "https://www.flickr.com/photos/bo", "license": "by", "license_version": "2.0",
             "license_url": "https://creativecommons.org/licenses/by/2.0/", "provider": "flickr", "source": "flickr",
@@ -410,7 +419,8 @@ def test_openverse_licence_per_photo_and_rejects(task, serve):
     fake = FakeOpenverse()
     fake.base = serve(fake.app).url
     with open_source("openverse", task, queries=["river"], num_images=25, unsplash_api_url=None,
-                     openverse_api_url=fake.base, openverse_license_type="commercial") as stream:
+                     openverse_api_url=fake.base, openverse_license_type="commercial",
+                     allow_private_urls=True) as stream:
         photos, rejected = _collect(stream)
     assert len(photos) == 25
     assert [r.source_id for r in rejected] == ["ov-3"] and rejected[0].kind == "http_error"
@@ -433,7 +443,7 @@ def test_openverse_honours_a_short_retry_after(task, serve, monkeypatch):
     fake = FakeOpenverse(ids=["a", "b"], throttle_once=True)
     fake.base = serve(fake.app).url
     monkeypatch.setenv("OPENVERSE_API_URL", fake.base)  # the env var is the default base URL
-    with open_source("openverse", task, queries=["x"], num_images=5) as stream:
+    with open_source("openverse", task, queries=["x"], num_images=5, allow_private_urls=True) as stream:
         photos, _ = _collect(stream)
     assert [p.source_id for p in photos] == ["a", "b"] and len(fake.requests) == 1
 
@@ -463,6 +473,7 @@ def web(serve) -> Server:
             h.send_header("Content-Type", "image/jpeg")
             h.end_headers()
             try:
+                h.wfile.write(b"\xff\xd8\xff\xe0" + b"\x00" * 60)  # starts like a JPEG: only its size is wrong
                 for _ in range(50):
                     h.wfile.write(b"\x00" * 10_000)
             except OSError:
@@ -484,7 +495,8 @@ def test_urls_source(task, web: Server, tmp_path: Path):
              f"{u}/big.jpg", f"{u}/stream.jpg", f"{u}/moved", f"{u}/loop", f"{u}/drawing.svg", f"{u}/ok.jpg"]
     (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
     t0 = time.monotonic()
-    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5, max_bytes=100_000) as stream:
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5, max_bytes=100_000,
+                     allow_private_urls=True) as stream:
         items = list(stream)
     assert time.monotonic() - t0 < 8
     got = {(i.source_id, type(i).__name__, getattr(i, "kind", "")) for i in items}
@@ -498,7 +510,8 @@ def test_urls_source(task, web: Server, tmp_path: Path):
         (f"{u}/ok.jpg", "Rejected", "duplicate"),
     }
     by_id = {(i.source_id, type(i).__name__): i for i in items}
-    assert by_id[(f"{u}/page.html", "Rejected")].reason == "content-type text/html is not an image"
+    assert by_id[(f"{u}/page.html", "Rejected")].reason == "content-type text/html: an HTML or XML page, not an image"
+    assert "SVG" in by_id[(f"{u}/drawing.svg", "Rejected")].reason
     assert by_id[(f"{u}/missing.jpg", "Rejected")].reason == "HTTP 404 Not Found"
     assert "0.5 s" in by_id[(f"{u}/hang.jpg", "Rejected")].reason
     assert "stopped reading" in by_id[(f"{u}/stream.jpg", "Rejected")].reason
@@ -523,6 +536,113 @@ def test_urls_file_missing_or_empty(task, tmp_path: Path):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ElementalError, match="no URLs"):
         open_source(f"urls:{tmp_path / 'empty.txt'}", task)
+
+
+# -- network safety: private addresses, trickling servers, sniffed content, stored URLs ----------------------
+
+
+@pytest.mark.parametrize("host, private", [
+    ("127.0.0.1", True), ("localhost", True), ("::1", True), ("169.254.169.254", True), ("10.1.2.3", True),
+    ("192.168.0.10", True), ("172.16.5.4", True), ("100.64.0.1", True), ("0.0.0.0", True), ("fc00::1", True),
+    ("::ffff:127.0.0.1", True), ("8.8.8.8", False), ("1.1.1.1", False), ("2606:4700:4700::1111", False),
+    ("no-such-host.invalid", False),  # does not resolve: the request itself fails on it
+])
+def test_private_hosts_are_recognised(host, private):
+    assert is_private_host(host) is private
+
+
+def test_downloads_to_private_addresses_are_refused_unless_allowed(task, web: Server, tmp_path: Path):
+    (tmp_path / "urls.txt").write_text(f"{web.url}/ok.jpg\nhttp://169.254.169.254/latest/meta-data/\n")
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5) as stream:
+        items = list(stream)
+    assert [type(i).__name__ for i in items] == ["Rejected", "Rejected"]
+    assert {i.kind for i in items} == {"private_address"} and "--allow-private-urls" in items[0].reason
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5, allow_private_urls=True) as stream:
+        assert isinstance(next(stream), Photo)  # the user allowed it
+
+
+def test_api_item_urls_and_redirects_to_private_addresses_are_refused(task, serve, web: Server):
+    """The configured API base may be anywhere (the user chose it); what it points at may not."""
+    fake = FakeOpenverse(ids=["a", "b"])
+    fake.image_base = web.url  # item URLs on another loopback origin
+    fake.base = serve(fake.app).url
+    with open_source("openverse", task, queries=["x"], num_images=5, openverse_api_url=fake.base) as stream:
+        photos, rejected = _collect(stream)
+    assert not photos and {r.kind for r in rejected} == {"private_address"}
+    assert fake.requests  # the API itself was asked
+    hop = serve(lambda req: (302, {"Location": f"{web.url}/ok.jpg"}, b""))  # the API answers with a redirect
+    with open_source("openverse", task, queries=["x"], num_images=5, openverse_api_url=hop.url) as stream:
+        assert list(stream) == [] and stream.stopped_early
+        assert any("loopback, private or link-local" in n for n in stream.notes)
+
+
+def test_a_trickling_server_is_cut_off_at_the_total_deadline(task, serve, tmp_path: Path):
+    """One byte every 0.1 s never trips the 0.5 s read timeout; only the total deadline (5 x 0.5 s) ends it."""
+    def trickle(req: Req) -> Reply | None:
+        h = req.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.end_headers()
+        try:
+            h.wfile.write(b"\xff\xd8\xff\xe0")
+            for _ in range(600):  # a minute, if nobody hangs up
+                h.wfile.write(b"\x00")
+                h.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+        return None
+
+    server = serve(trickle)
+    (tmp_path / "urls.txt").write_text(f"{server.url}/slow.jpg\n")
+    t0 = time.monotonic()
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5, allow_private_urls=True) as stream:
+        item = next(stream)
+    took = time.monotonic() - t0
+    assert isinstance(item, Rejected) and item.kind == "timeout" and "longer than 2.5 s" in item.reason
+    assert 2.5 <= took < 5, took
+
+
+def test_what_a_server_sends_is_judged_by_its_bytes(task, serve, tmp_path: Path):
+    jpeg = _jpeg_bytes(3)
+
+    def app(req: Req) -> Reply:
+        if req.path == "/octet":
+            return 200, {"Content-Type": "application/octet-stream"}, jpeg
+        if req.path == "/none":
+            return 200, {}, jpeg
+        return 200, {"Content-Type": "image/jpeg"}, b"<!DOCTYPE html><html><body>login</body></html>"
+
+    server = serve(app)
+    (tmp_path / "urls.txt").write_text("".join(f"{server.url}/{p}\n" for p in ("octet", "none", "liar.jpg")))
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, allow_private_urls=True) as stream:
+        octet, none, liar = list(stream)
+    assert isinstance(octet, Photo) and octet.data == jpeg and isinstance(none, Photo)
+    assert isinstance(liar, Rejected) and liar.kind == "not_an_image" and "HTML" in liar.reason
+
+
+def test_credentials_in_urls_are_never_stored(task, web: Server, tmp_path: Path):
+    signed = (f"{web.url}/ok.jpg?w=800&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F2026"
+              "&X-Amz-Signature=deadbeef&token=t0ps3cret&api_key=k3y&sig=abc")
+    (tmp_path / "urls.txt").write_text(signed + "\n" + signed.replace("ok.jpg", "missing.jpg") + "\n")
+    with open_source(f"urls:{tmp_path / 'urls.txt'}", task, allow_private_urls=True) as stream:
+        photo, missing = list(stream)
+    assert photo.data == _jpeg_bytes(5)  # downloaded with the full signed URL
+    for stored in (photo.source_id, photo.location, missing.source_id, str(missing)):
+        assert "w=800" in stored or "missing" in stored
+        for secret in ("AKIAEXAMPLE", "deadbeef", "t0ps3cret", "k3y", "abc", "X-Amz"):
+            assert secret not in stored, stored
+    assert stored_url("https://u:p@example.com/a.jpg?size=2") == "https://example.com/a.jpg?size=2"
+    assert stored_url("https://example.com/a.jpg?size=2") == "https://example.com/a.jpg?size=2"
+
+
+def test_source_kinds_are_case_insensitive(task, tmp_path: Path):
+    assert source_kind(" Unsplash") == source_kind("UNSPLASH") == "unsplash"
+    assert source_kind("Folder:x") == "folder"
+    root = tmp_path / "photos" / "water"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(_jpeg_bytes(1))
+    assert [p.source_id for p in open_source(f"FOLDER:{tmp_path / 'photos'}", task)] == ["water/a.jpg"]
 
 
 # -- folder: --------------------------------------------------------------------------------------------

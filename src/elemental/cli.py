@@ -48,7 +48,8 @@ def prepare(
                                              "for the teacher), urls:FILE, json:FILE, unsplash, openverse.")] = None,
     query: Annotated[list[str] | None, _opt("--query", help="Search term for unsplash/openverse, repeatable.")] = None,
     output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="Dataset folder to write.")] = None,
-    num_images: Annotated[int | None, _opt("--num-images", "--num_images", help="Cap on photos kept.")] = None,
+    num_images: Annotated[int | None, _opt("--num-images", "--num_images", help="Cap on photos kept (default "
+                                           "1000, or per_class_target x labels).")] = None,
     per_class_target: Annotated[int | None, _opt("--per-class-target", "--per_class_target",
                                                  help="Keep collecting until every class has N photos.")] = None,
     min_confidence: Annotated[float | None, _opt("--min-confidence", "--min_confidence",
@@ -80,6 +81,10 @@ def prepare(
                                                     "datasets.load_from_disk.", show_default=False)] = None,
     label_cache: Annotated[Path | None, _opt("--label-cache", help="SQLite cache of the teacher's answers "
                                              "(default ~/.cache/elemental/labels.sqlite).")] = None,
+    allow_private_urls: Annotated[bool | None, typer.Option("--allow-private-urls", help="Let downloads and "
+                                                            "redirects reach loopback, private and link-local "
+                                                            "addresses (refused by default).",
+                                                            show_default=False)] = None,
     unsplash_api_url: Annotated[str | None, _opt("--unsplash-api-url", help="Unsplash API base URL.")] = None,
     openverse_api_url: Annotated[str | None, _opt("--openverse-api-url", help="Openverse API base URL.")] = None,
 ) -> None:
@@ -101,6 +106,7 @@ def prepare(
         "prepare.max_consecutive_failures": max_consecutive_failures, "prepare.retry_rejected": retry_rejected,
         "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
         "prepare.openverse_api_url": openverse_api_url, "prepare.hf_dataset": hf_dataset,
+        "prepare.allow_private_urls": allow_private_urls,
     })
     stage_prepare(cfg, task)
 

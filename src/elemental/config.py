@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ElementalError
 
 REAL_BASE_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+DEFAULT_NUM_IMAGES = 1000
 DEFAULT_LABELS = ["water", "land", "fire", "wood", "metal"]
 
 
@@ -58,7 +59,8 @@ class PrepareConfig(_Section):
         "steel", "metal tools",
     ])
     output_dir: Path = Path("dataset")
-    num_images: int = Field(1000, ge=1)
+    # Cap on photos kept; unset: per_class_target x labels when a target is given, else DEFAULT_NUM_IMAGES.
+    num_images: int | None = Field(None, ge=1)
     per_class_target: int | None = Field(None, ge=1)  # keep collecting until each class has this many
     min_confidence: float = Field(0.7, ge=0.0, le=1.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -81,6 +83,20 @@ class PrepareConfig(_Section):
     hf_dataset: bool = False  # also write dataset/hf (datasets.load_from_disk), needs `datasets`
     unsplash_api_url: str | None = None  # default: env UNSPLASH_API_URL, else the public API
     openverse_api_url: str | None = None
+    allow_private_urls: bool = False  # downloads and redirects to loopback/private/link-local addresses
+
+    def photo_cap(self, n_labels: int) -> int:
+        """How many photos the dataset may keep (see num_images)."""
+        if self.num_images is not None:
+            return self.num_images
+        return self.per_class_target * n_labels if self.per_class_target else DEFAULT_NUM_IMAGES
+
+    def check_targets(self, n_labels: int) -> None:
+        """per_class_target and num_images must not contradict each other (the cap would silently win)."""
+        if self.per_class_target and self.num_images is not None and self.per_class_target * n_labels > self.num_images:
+            need = self.per_class_target * n_labels
+            raise ValueError(f"per_class_target {self.per_class_target} x {n_labels} labels = {need} photos, more "
+                             f"than num_images {self.num_images}: raise num_images to {need} or leave it unset")
 
 
 class TrainConfig(_Section):
@@ -164,6 +180,7 @@ class RunConfig(_Section):
         order = ["prepare", "train", "merge", "export", "evaluate"]
         if [s for s in order if s in self.stages] != self.stages:
             raise ValueError(f"stages must keep the pipeline order {order}")
+        self.prepare.check_targets(len(self.task.labels))
         return self
 
     def merged_model_dir(self) -> Path:

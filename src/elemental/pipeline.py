@@ -249,7 +249,8 @@ def run(cfg: RunConfig, say: Say = print, from_stage: str | None = None, only: s
         t0 = time.time()
         results["stages"][name] = STAGES[name](stage_cfg, task, say)
         results["seconds"][name] = round(time.time() - t0, 1)
-        state.done(name, inputs, stage_outputs(name, cfg, state.hasher), time.time() - t0)
+        complete = results["stages"][name].get("complete", True) if name == "prepare" else True
+        state.done(name, inputs, stage_outputs(name, cfg, state.hasher), time.time() - t0, complete)
     results["summary"] = run_summary(cfg, results)
     write_json_atomic(Path(cfg.train.output_dir) / "run_summary.json", results["summary"])
     return results

@@ -77,8 +77,14 @@ class Hasher:
         return self.tree(p) if p.exists() else f"hub:{name_or_path}"
 
     def source(self, spec: str) -> str:
-        """A prepare source: local folders and files by content, API sources by their spelling."""
-        kind, _, arg = spec.partition(":")
+        """A prepare source: local folders and files by content, API sources by their spelling.
+
+        An API source's answers change over time; a prepare that it ended early (rate limit) is
+        recorded as incomplete instead (RunState.changed), so the next run collects the rest.
+        """
+        from .data.sources import source_kind
+
+        kind, arg = source_kind(spec), spec.partition(":")[2].strip()
         if kind == "folder":
             return self.tree(Path(arg))
         if kind in ("urls", "json"):
@@ -162,6 +168,8 @@ class RunState:
         rec = self.stages.get(name)
         if rec is None:
             return ["never ran"]
+        if rec.get("status") == "incomplete":
+            return ["an API source stopped early last time (rate limit); collecting the rest"]
         if rec.get("status") != "done":
             return ["interrupted"]
         why = [f"{k} changed" for k in sorted(inputs.keys() | rec["inputs"].keys())
@@ -179,7 +187,8 @@ class RunState:
         self.stages[name] = {"status": "started", "inputs": inputs, "started_at": time.time()}
         self.save()
 
-    def done(self, name: str, inputs: dict, outputs: dict, seconds: float) -> None:
-        self.stages[name] = {"status": "done", "inputs": inputs, "outputs": outputs, "seconds": round(seconds, 1),
-                             "finished_at": time.time()}
+    def done(self, name: str, inputs: dict, outputs: dict, seconds: float, complete: bool = True) -> None:
+        """Stage `name` finished; `complete` False (an API source stopped early) makes the next run re-run it."""
+        self.stages[name] = {"status": "done" if complete else "incomplete", "inputs": inputs, "outputs": outputs,
+                             "seconds": round(seconds, 1), "finished_at": time.time()}
         self.save()

@@ -33,7 +33,7 @@ from ..images import PHOTO_MAX_SIDE, bounded, encode_jpeg, hamming, open_image_b
 from ..task import Task
 from .records import Record, load_split, save_split
 from .report import SheetEntry, report_html, thumbnail
-from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source
+from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source, source_kind
 from .split import class_counts, stratified_split
 
 log = logging.getLogger(__name__)
@@ -99,24 +99,31 @@ class _Tally:
 
 
 class _Dedup:
-    """Exact (sha256 of the original and of the normalised JPEG) and near (perceptual hash) duplicates."""
+    """Exact (sha256 of the original and of the normalised JPEG) and near (perceptual hash) duplicates.
+
+    Each kept photo is remembered with its hashes, so a dropped duplicate names the twin that was kept.
+    """
 
     def __init__(self, max_distance: int):
         self.max_distance = max_distance
-        self.shas: set[str] = set()
-        self.phashes: list[str] = []
+        self.owners: dict[str, Photo] = {}
+        self.phashes: list[tuple[str, Photo]] = []
 
-    def check(self, *shas: str, phash: str | None = None) -> str | None:
-        if any(s in self.shas for s in shas):
-            return "duplicate"
+    def check(self, *shas: str, phash: str | None = None) -> tuple[str, Photo] | None:
+        """(why, the kept twin) when the photo with these hashes is a duplicate, else None."""
+        for sha in shas:
+            if sha in self.owners:
+                return "duplicate", self.owners[sha]
         if phash is not None and self.max_distance > 0:
-            if any(hamming(phash, p) <= self.max_distance for p in self.phashes):
-                return "near_duplicate"
+            for kept_phash, owner in self.phashes:
+                if hamming(phash, kept_phash) <= self.max_distance:
+                    return "near_duplicate", owner
         return None
 
-    def add(self, *shas: str, phash: str) -> None:
-        self.shas.update(shas)
-        self.phashes.append(phash)
+    def add(self, *shas: str, phash: str, photo: Photo) -> None:
+        for sha in shas:
+            self.owners.setdefault(sha, photo)
+        self.phashes.append((phash, photo))
 
 
 @dataclass(frozen=True)
@@ -154,12 +161,14 @@ def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task) 
         log.warning("%s", item.error)
         return None
     jpeg_sha = hashlib.sha256(item.jpeg).hexdigest()
-    why = dedup.check(item.sha256, jpeg_sha, phash=item.phash)
-    if why:
+    found = dedup.check(item.sha256, jpeg_sha, phash=item.phash)
+    if found:
+        why, twin = found
         tally.drop(why)
-        tally.duplicates.append({"source": item.photo.source, "source_id": item.photo.source_id, "why": why})
+        tally.duplicates.append({"source": item.photo.source, "source_id": item.photo.source_id, "why": why,
+                                 "duplicate_of": {"source": twin.source, "source_id": twin.source_id}})
         return None
-    dedup.add(item.sha256, jpeg_sha, phash=item.phash)
+    dedup.add(item.sha256, jpeg_sha, phash=item.phash, photo=item.photo)
     photo = item.photo
     if photo.label is not None:
         task.check_label(photo.label)
@@ -242,7 +251,7 @@ def _previous_photos(output_dir: Path, task: Task, cfg: PrepareConfig) -> list[P
     They come back with their labels (no teacher call) and their source ids are skipped by the
     sources (no second download, no second tracking call).
     """
-    if not (output_dir / "metadata.json").is_file() or not any(s.split(":")[0] in API_SOURCES for s in cfg.sources):
+    if not (output_dir / "metadata.json").is_file() or not any(source_kind(s) in API_SOURCES for s in cfg.sources):
         return []
     photos = []
     for split in ("train", "val"):
@@ -262,6 +271,7 @@ def _open_streams(cfg: PrepareConfig, task: Task, skip_ids: set[str]) -> list[Ph
             streams.append(open_source(
                 spec, task, queries=cfg.queries, num_images=_source_cap(cfg, task),
                 unsplash_api_url=cfg.unsplash_api_url, openverse_api_url=cfg.openverse_api_url, skip_ids=skip_ids,
+                allow_private_urls=cfg.allow_private_urls,
             ))
     except BaseException:
         for stream in streams:
@@ -282,7 +292,7 @@ def _photos(streams: list[PhotoStream], tally: _Tally) -> Iterator[Photo]:
 
 def _source_cap(cfg: PrepareConfig, task: Task) -> int:
     """How many photos an API source may yield: enough for the target after drops and rejections."""
-    wanted = cfg.per_class_target * len(task.labels) if cfg.per_class_target else cfg.num_images
+    wanted = cfg.photo_cap(len(task.labels))
     return max(wanted * 2, wanted + 50)
 
 
@@ -310,9 +320,10 @@ def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally, k
             mine = mine[: cfg.per_class_target]
         per_label[label] = mine[::-1]  # popped from the end below
     kept: list[_Item] = []
-    while len(kept) < cfg.num_images and any(per_label.values()):
+    cap = cfg.photo_cap(len(task.labels))
+    while len(kept) < cap and any(per_label.values()):
         for label in task.labels:  # round-robin: a balanced cap
-            if per_label[label] and len(kept) < cfg.num_images:
+            if per_label[label] and len(kept) < cap:
                 kept.append(per_label[label].pop())
     tally.drop("over_num_images", sum(len(v) for v in per_label.values()))
     return kept
@@ -323,7 +334,7 @@ def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
     counts = Counter(i.element for i in items if i.element and i.confidence >= cfg.min_confidence)
     if cfg.per_class_target is not None:
         return all(counts[label] >= cfg.per_class_target for label in task.labels)
-    return sum(counts.values()) >= cfg.num_images
+    return sum(counts.values()) >= cfg.photo_cap(len(task.labels))
 
 
 def _collect(
@@ -363,7 +374,11 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
     if not cfg.sources:
         raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
     _check_replaceable(output_dir)
-    if any(s.strip().lower().startswith("unsplash") for s in cfg.sources):
+    try:
+        cfg.check_targets(len(task.labels))
+    except ValueError as e:
+        raise ElementalError(str(e)) from None
+    if any(source_kind(s) == "unsplash" for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
     previous = _previous_photos(output_dir, task, cfg)
@@ -383,7 +398,8 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
             raise ElementalError(
                 f"too few photos for a validation split ({len(records)} kept; a class needs at least 2)")
         tally.notes += [note for stream in streams for note in stream.notes]  # e.g. a rate-limit stop
-        metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path)
+        complete = not any(stream.stopped_early for stream in streams)
+        metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path, complete)
         with atomic_dir(output_dir) as tmp:
             (tmp / "images").mkdir()
             for item, rec in zip(kept, records, strict=True):
@@ -435,7 +451,7 @@ def _check_replaceable(output_dir: Path) -> None:
 
 def _metadata(
     cfg: PrepareConfig, task: Task, train: list[Record], val: list[Record], tally: _Tally,
-    teacher_report: dict[str, Any] | None, cache_path: Path,
+    teacher_report: dict[str, Any] | None, cache_path: Path, complete: bool,
 ) -> dict[str, Any]:
     def per_label(records: list[Record]) -> dict[str, int]:
         counts = class_counts(records)
@@ -446,8 +462,7 @@ def _metadata(
         "elemental_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sources": list(cfg.sources),
-        "queries": list(cfg.queries) if any(s.split(":")[0] in ("unsplash", "openverse") for s in cfg.sources)
-        else None,
+        "queries": list(cfg.queries) if any(source_kind(s) in API_SOURCES for s in cfg.sources) else None,
         "labels": list(task.labels),
         "labeler": FOLDER_LABELER if set(labelers) == {FOLDER_LABELER} else dict(labelers),
         "teacher": teacher_report,
@@ -462,9 +477,11 @@ def _metadata(
         "min_confidence": cfg.min_confidence,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
-        "num_images": cfg.num_images,
+        "num_images": cfg.photo_cap(len(task.labels)),
         "per_class_target": cfg.per_class_target,
         "near_duplicate_distance": cfg.near_duplicate_distance,
         "image_max_side": MAX_SIDE,
-        "unsplash_terms": UNSPLASH_TERMS_NOTE if any(s.startswith("unsplash") for s in cfg.sources) else None,
+        "unsplash_terms": UNSPLASH_TERMS_NOTE if any(source_kind(s) == "unsplash" for s in cfg.sources) else None,
+        # False when an API source stopped at a rate limit or an outage: running prepare again collects more.
+        "complete": complete,
     }

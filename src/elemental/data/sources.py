@@ -18,14 +18,27 @@ rate-limited API ends its stream cleanly with what it collected and a note in `s
 re-run that passes the collected ids as `skip_ids` continues where it stopped.
 
 Secrets: the Unsplash key travels only in the Authorization header and only to the API's own origin
-(never to image hosts, never in a URL); every message built here is scrubbed of it as well.
+(never to image hosts, never in a URL); every message built here is scrubbed of it as well. URLs that
+are stored (source ids, locations, reasons) lose query parameters that look like credentials
+(signatures, tokens, keys: `stored_url`).
+
+Network safety: every download and every redirect goes to public addresses only. A URL, a redirect
+or an API item URL that resolves to a loopback, private, link-local (169.254.169.254) or otherwise
+non-global address is refused unless `allow_private_urls` (`--allow-private-urls`); the configured
+API base itself is the user's choice and exempt. A download has a total deadline (5x the timeout)
+checked as every piece arrives, so a server that trickles a byte at a time cannot hold a run. What
+a server sends is judged by its bytes, not its Content-Type: a JPEG served as
+application/octet-stream is a photo, an HTML page served as image/jpeg is not.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections import deque
@@ -115,11 +128,18 @@ class PhotoStream(Iterator["Photo | Rejected"]):
     """
 
     def __init__(self, spec: str, items: Iterator[Photo | Rejected], notes: list[str],
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 stopped_early: Callable[[], bool] | None = None) -> None:
         self.spec = spec
         self.notes = notes
         self._items = items
         self._on_close = on_close
+        self._stopped_early = stopped_early
+
+    @property
+    def stopped_early(self) -> bool:
+        """True when an API source ended at a rate limit or an outage: a re-run would collect more."""
+        return bool(self._stopped_early and self._stopped_early())
 
     def __next__(self) -> Photo | Rejected:
         return next(self._items)
@@ -138,6 +158,11 @@ class PhotoStream(Iterator["Photo | Rejected"]):
         self.close()
 
 
+def source_kind(spec: str) -> str:
+    """A source spec's kind, as open_source reads it: `Unsplash`, ` unsplash` and `unsplash` are one kind."""
+    return spec.partition(":")[0].strip().lower()
+
+
 def open_source(
     spec: str,
     task: Task,
@@ -150,6 +175,7 @@ def open_source(
     max_bytes: int = 25_000_000,
     skip_ids: set[str] | None = None,
     openverse_license_type: str | None = None,
+    allow_private_urls: bool = False,
 ) -> PhotoStream:
     """Check the source `spec` and return a lazy stream of its photos (see the module docstring).
 
@@ -160,10 +186,10 @@ def open_source(
     limit continue instead of starting over. `timeout` is per connect/read (a whole download may take
     at most 5x this); `max_bytes` caps a download. `openverse_license_type` is Openverse's
     `license_type` filter ("commercial", "modification", or both comma-separated); default: every
-    open licence.
+    open licence. `allow_private_urls` lets downloads reach loopback and private addresses (module docstring).
     """
-    kind, sep, arg = spec.partition(":")
-    kind = kind.strip().lower()
+    _, sep, arg = spec.partition(":")
+    kind = source_kind(spec)
     skip = frozenset(skip_ids or ())
     if num_images < 1:
         raise ElementalError(f"num_images must be at least 1, got {num_images}")
@@ -177,16 +203,16 @@ def open_source(
             return _folder_source(spec, path, task, skip)
         if kind == "json":
             return _json_source(spec, path, task, skip)
-        return _urls_source(spec, path, skip, timeout, max_bytes)
+        return _urls_source(spec, path, skip, timeout, max_bytes, allow_private_urls)
     if kind in ("unsplash", "openverse"):
         if sep and arg.strip():
             raise ElementalError(f"source {spec!r}: {kind} takes no argument (search terms come from --query)")
         terms = [q.strip() for q in (queries or []) if q.strip()] or list(task.labels)
         if kind == "unsplash":
-            return _UnsplashSource(spec, terms, num_images, unsplash_api_url, timeout, max_bytes, skip).stream()
-        return _OpenverseSource(
-            spec, terms, num_images, openverse_api_url, timeout, max_bytes, skip, openverse_license_type
-        ).stream()
+            return _UnsplashSource(spec, terms, num_images, unsplash_api_url, timeout, max_bytes, skip,
+                                   allow_private_urls).stream()
+        return _OpenverseSource(spec, terms, num_images, openverse_api_url, timeout, max_bytes, skip,
+                                allow_private_urls, openverse_license_type).stream()
     raise ElementalError(f"unknown source {spec!r} (supported: {SOURCE_KINDS})")
 
 
@@ -301,12 +327,61 @@ def _json_source(spec: str, path: Path, task: Task, skip: frozenset[str]) -> Pho
 # -- downloads ----------------------------------------------------------------------------------------
 
 
-def _client(timeout: float, headers: dict[str, str] | None = None) -> httpx.Client:
+class _Refused(httpx.RequestError):
+    """A request to an address the user did not allow (loopback, private, link-local, ...)."""
+
+
+def is_private_host(host: str) -> bool:
+    """Whether `host` (a name or an IP literal) resolves to any address that is not globally routable.
+
+    Loopback, private ranges, link-local (cloud metadata at 169.254.169.254), carrier-grade NAT,
+    multicast, reserved and unspecified addresses all count, IPv4-mapped IPv6 included. A name that
+    does not resolve is left to the request itself to fail on.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, OSError):
+        return False
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not ip.is_global:
+            return True
+    return False
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def _guard(allow_private: bool, exempt: str | None = None) -> list[Callable[[httpx.Request], None]]:
+    """httpx request hooks (run for every request, redirects included) refusing non-public addresses.
+
+    `exempt` is an origin the user configured themselves (an API base URL), which may be anywhere.
+    """
+    if allow_private:
+        return []
+    exempt_origin = _origin(httpx.URL(exempt)) if exempt else None
+
+    def check(request: httpx.Request) -> None:
+        if exempt_origin is not None and _origin(request.url) == exempt_origin:
+            return
+        if is_private_host(request.url.host):
+            raise _Refused(f"{request.url.host} is a loopback, private or link-local address: refused "
+                           "(--allow-private-urls allows it)", request=request)
+
+    return [check]
+
+
+def _client(timeout: float, headers: dict[str, str] | None = None, *, allow_private: bool = False,
+            exempt: str | None = None) -> httpx.Client:
     return httpx.Client(
         timeout=httpx.Timeout(timeout),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
+        event_hooks={"request": _guard(allow_private, exempt)},
     )
 
 
@@ -314,41 +389,91 @@ def _short(url: str, limit: int = 200) -> str:
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
 
+# Query parameters that carry credentials in signed or tokenised URLs (S3/GCS/Azure/CloudFront signatures,
+# API keys, access tokens): never stored in train.json, metadata.json or report.html.
+_SECRET_PARAM = re.compile(r"(?i)^(x-amz-.*|x-goog-.*|.*sig.*|.*token.*|.*key.*|.*secret.*|.*passw.*|.*auth.*|"
+                           r".*credential.*|policy|key-pair-id|code)$")
+
+
+def stored_url(url: str) -> str:
+    """`url` as it may be stored: without user info and without query parameters that look like credentials."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return url
+    kept = [(k, v) for k, v in u.params.multi_items() if not _SECRET_PARAM.match(k)]
+    if len(kept) == len(list(u.params.multi_items())) and not u.userinfo:
+        return url
+    return str(u.copy_with(userinfo=b"", query=None).copy_merge_params(httpx.QueryParams(kept)))
+
+
+# What the first bytes of a photo file look like (the formats prepare decodes).
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+SNIFF_BYTES = 32
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether `head` (a file's first bytes) starts like a raster photo format prepare can decode."""
+    if head.startswith(_IMAGE_MAGIC):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
 def _download(client: httpx.Client, url: str, timeout: float, max_bytes: int) -> bytes | tuple[str, str]:
     """The body of `url` if it is an image of at most `max_bytes`; else (kind, reason) for a Rejected.
 
     The body is streamed and reading stops at the limit, so a huge (or endless) answer costs at most
     `max_bytes` of memory; the limit applies after content decoding, so a gzip bomb is caught too.
+    The total deadline (5x `timeout`) is checked as each piece arrives, so a trickling server is cut
+    off at most one read timeout after it. Whether it is an image is read from its first bytes.
     """
-    deadline = time.monotonic() + 5 * timeout
+    limit = 5 * timeout
+    deadline = time.monotonic() + limit
     try:
         with client.stream("GET", url) as r:
             if not r.is_success or r.status_code == 204:
                 return "http_error", f"HTTP {r.status_code} {r.reason_phrase}".strip()
-            ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if not ctype.startswith("image/"):
-                return "not_an_image", f"content-type {ctype or '(none)'} is not an image"
-            if ctype == "image/svg+xml":
-                return "not_an_image", "content-type image/svg+xml is a vector drawing, not a photo"
+            ctype = r.headers.get("content-type", "").split(";")[0].strip().lower() or "(none)"
             length = r.headers.get("content-length", "")
             if length.isdigit() and int(length) > max_bytes:
                 return "too_large", f"{int(length)} bytes is over the {max_bytes}-byte limit"
             body = bytearray()
-            for chunk in r.iter_bytes(1 << 16):
+            sniffed = False
+            for chunk in r.iter_bytes():  # as it arrives: the deadline is checked after every read
                 body += chunk
+                if not sniffed and len(body) >= SNIFF_BYTES:
+                    sniffed = True
+                    if not looks_like_image(bytes(body[:SNIFF_BYTES])):
+                        return "not_an_image", _not_an_image(ctype, bytes(body[:SNIFF_BYTES]))
                 if len(body) > max_bytes:
                     return "too_large", f"over the {max_bytes}-byte limit (stopped reading)"
                 if time.monotonic() > deadline:
-                    return "timeout", f"download took longer than {5 * timeout:g} s"
+                    return "timeout", f"download took longer than {limit:g} s (stopped reading)"
             if not body:
                 return "not_an_image", "empty body"
+            if not sniffed and not looks_like_image(bytes(body)):
+                return "not_an_image", _not_an_image(ctype, bytes(body))
             return bytes(body)
+    except _Refused as e:
+        return "private_address", str(e)
     except httpx.TimeoutException:
         return "timeout", f"no answer within {timeout:g} s"
     except httpx.TooManyRedirects:
         return "http_error", f"more than {MAX_REDIRECTS} redirects"
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         return "network_error", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _not_an_image(ctype: str, head: bytes) -> str:
+    text = head.lstrip().lower()
+    if ctype == "image/svg+xml" or text.startswith((b"<svg", b"<?xml")):
+        return f"content-type {ctype}: a vector drawing (SVG), not a photo"
+    if text.startswith((b"<!doctype html", b"<html", b"<")):
+        return f"content-type {ctype}: an HTML or XML page, not an image"
+    return f"content-type {ctype}, and its bytes are not a photo format (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC)"
 
 
 def _prefetch(jobs: Iterable[Callable[[], Any]], workers: int) -> Iterator[Any]:
@@ -399,27 +524,28 @@ def _read_url_list(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _urls_source(spec: str, path: Path, skip: frozenset[str], timeout: float, max_bytes: int) -> PhotoStream:
+def _urls_source(spec: str, path: Path, skip: frozenset[str], timeout: float, max_bytes: int,
+                 allow_private: bool) -> PhotoStream:
     lines = _read_url_list(path)
-    client = _client(timeout)
+    client = _client(timeout, allow_private=allow_private)
 
     def fetch(url: str) -> Callable[[], Photo | Rejected]:
         def job() -> Photo | Rejected:
             got = _download(client, url, timeout, max_bytes)
             if isinstance(got, tuple):
-                return Rejected("url", url, got[1], got[0])
-            return Photo(data=got, source="url", source_id=url, location=url)
+                return Rejected("url", stored_url(url), got[1], got[0])
+            return Photo(data=got, source="url", source_id=stored_url(url), location=stored_url(url))
 
         return job
 
     def jobs() -> Iterator[Callable[[], Photo | Rejected]]:
         first_line: dict[str, int] = {}
         for lineno, url in lines:
-            if url in skip:
+            if stored_url(url) in skip:
                 continue
             if url in first_line:
                 reason = f"duplicate of {path}:{first_line[url]} (line {lineno})"
-                yield lambda url=url, reason=reason: Rejected("url", url, reason, "duplicate")
+                yield lambda url=url, reason=reason: Rejected("url", stored_url(url), reason, "duplicate")
                 continue
             first_line[url] = lineno
             yield fetch(url)
@@ -481,8 +607,10 @@ class _SearchSource:
     what: str
 
     def __init__(self, spec: str, queries: list[str], num_images: int, timeout: float, max_bytes: int,
-                 skip: frozenset[str]) -> None:
+                 skip: frozenset[str], allow_private: bool) -> None:
         self.spec = spec
+        self.allow_private = allow_private
+        self.stopped_early = False  # a rate limit or an outage ended the stream before the API ran out
         self.queries = queries
         self.num_images = num_images
         self.timeout = timeout
@@ -491,7 +619,7 @@ class _SearchSource:
         self.notes: list[str] = []
         self.yielded = 0
         self._secret: str | None = None
-        self._download_client = _client(timeout)
+        self._download_client = _client(timeout, allow_private=allow_private)
 
     # subclasses
     def _search(self, query: str, page: int) -> tuple[list[dict[str, Any]], bool]:
@@ -516,7 +644,8 @@ class _SearchSource:
 
     # shared
     def stream(self) -> PhotoStream:
-        return PhotoStream(self.spec, self._photos(), self.notes, on_close=self.close)
+        return PhotoStream(self.spec, self._photos(), self.notes, on_close=self.close,
+                           stopped_early=lambda: self.stopped_early)
 
     def close(self) -> None:
         self._download_client.close()
@@ -536,6 +665,7 @@ class _SearchSource:
                 if self.yielded >= self.num_images:
                     return
                 if isinstance(item, Photo) and not self._may_yield():
+                    self.stopped_early = True
                     self.note(
                         f"{self.what}: API rate limit reached after {self.yielded} new photo(s); stopped cleanly. "
                         "Run again later (the limit resets hourly) to continue: photos already collected are skipped."
@@ -546,6 +676,7 @@ class _SearchSource:
                     self._handed_out()
                 yield item
         except _Stop as stop:
+            self.stopped_early = True
             self.note(f"{self.what}: {stop} Stopped after {self.yielded} new photo(s); run again later to continue.")
         finally:
             self._download_client.close()
@@ -580,9 +711,11 @@ class _SearchSource:
         url = self._download_url(item)
         if not url:
             return Rejected(self.name, pid, "no download URL in the API's answer", "bad_answer")
+        if httpx.URL(url).scheme not in ("http", "https"):
+            return Rejected(self.name, pid, f"download URL is not http(s): {_short(stored_url(url))}", "bad_answer")
         got = _download(self._download_client, url, self.timeout, self.max_bytes)
         if isinstance(got, tuple):
-            return Rejected(self.name, pid, self.scrub(f"{_short(url)}: {got[1]}"), got[0])
+            return Rejected(self.name, pid, self.scrub(f"{_short(stored_url(url))}: {got[1]}"), got[0])
         return self._photo(item, got)
 
     def _get_json(self, client: httpx.Client, url: str, params: dict[str, Any] | None, what: str) -> httpx.Response:
@@ -595,6 +728,8 @@ class _SearchSource:
             last = attempt == RETRIES
             try:
                 r = client.get(url, params=params)
+            except _Refused as e:
+                raise _Stop(self.scrub(f"{what}: {e}.")) from None
             except httpx.TimeoutException:
                 problem = f"no answer within {self.timeout:g} s"
             except httpx.HTTPError as e:
@@ -664,7 +799,7 @@ class _UnsplashSource(_SearchSource):
     what = "unsplash"
 
     def __init__(self, spec: str, queries: list[str], num_images: int, api_url: str | None, timeout: float,
-                 max_bytes: int, skip: frozenset[str]) -> None:
+                 max_bytes: int, skip: frozenset[str], allow_private: bool) -> None:
         key = os.environ.get("UNSPLASH_ACCESS_KEY", "").strip()
         if not key:
             raise ElementalError(
@@ -672,7 +807,7 @@ class _UnsplashSource(_SearchSource):
                 "(create an app at https://unsplash.com/oauth/applications)"
             )
         self.base = _api_base(api_url, "UNSPLASH_API_URL", DEFAULT_UNSPLASH_API_URL, "Unsplash")
-        super().__init__(spec, queries, num_images, timeout, max_bytes, skip)
+        super().__init__(spec, queries, num_images, timeout, max_bytes, skip, allow_private)
         self._secret = key
         self._key = key
         self._api = self._api_client()
@@ -683,7 +818,8 @@ class _UnsplashSource(_SearchSource):
 
     def _api_client(self) -> httpx.Client:
         # httpx drops the Authorization header on a redirect to another origin.
-        return _client(self.timeout, {"Authorization": f"Client-ID {self._key}", "Accept-Version": "v1"})
+        return _client(self.timeout, {"Authorization": f"Client-ID {self._key}", "Accept-Version": "v1"},
+                       allow_private=self.allow_private, exempt=self.base)
 
     def close(self) -> None:
         super().close()
@@ -796,6 +932,7 @@ class _UnsplashSource(_SearchSource):
         try:
             r = self._get_json(self._api, location, None, f"download tracking of photo {pid}")
         except _Stop as stop:
+            self.stopped_early = True
             self.note(f"unsplash: {stop} Photo {pid} was kept but its download was not tracked.")
             return
         if r.status_code == 403:
@@ -818,11 +955,11 @@ class _OpenverseSource(_SearchSource):
     what = "openverse"
 
     def __init__(self, spec: str, queries: list[str], num_images: int, api_url: str | None, timeout: float,
-                 max_bytes: int, skip: frozenset[str], license_type: str | None) -> None:
+                 max_bytes: int, skip: frozenset[str], allow_private: bool, license_type: str | None) -> None:
         self.base = _api_base(api_url, "OPENVERSE_API_URL", DEFAULT_OPENVERSE_API_URL, "Openverse")
-        super().__init__(spec, queries, num_images, timeout, max_bytes, skip)
+        super().__init__(spec, queries, num_images, timeout, max_bytes, skip, allow_private)
         self.license_type = (license_type or "").strip() or None
-        self._api = _client(timeout)
+        self._api = _client(timeout, allow_private=allow_private, exempt=self.base)
 
     def close(self) -> None:
         super().close()
@@ -889,7 +1026,7 @@ class _OpenverseSource(_SearchSource):
         return Photo(
             data=data, source="openverse", source_id=str(item["id"]),
             attribution={k: v for k, v in attribution.items() if v},
-            location=self._download_url(item),
+            location=stored_url(self._download_url(item) or ""),
         )
 
 
