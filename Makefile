@@ -16,18 +16,21 @@ ifeq ($(WHEEL_KEY),)
 $(error could not compute the llama.cpp wheel key; see: PYTHONPATH=src $(PYTHON) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON) key)
 endif
 WHEELS := $(CACHE)/wheels/$(WHEEL_KEY)
+# llama.cpp's own OpenAI-compatible server from the same sdist, keyed the same way: the teacher's end-to-end
+# test serves the demo model with it, and it is a free local teacher for users (README).
+LLAMA_SERVER := $(CACHE)/llama-server/$(shell $(call LLAMA_BUILD,$(PYTHON)) server-key)/llama-server
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: install demo test lint clean native native-test
+.PHONY: install demo test lint clean native native-test llama-server
 
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/elemental demo
 
-test: install native
-	$(VENV)/bin/python -m pytest
+test: install native $(LLAMA_SERVER)
+	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -55,6 +58,12 @@ $(SDIST):
 # AMX kernels (they segfault: llama.cpp#20824); CMAKE_ARGS, CFLAGS and CXXFLAGS from the environment apply.
 $(WHEELS)/build.json: $(SDIST) | $(PY)
 	$(call LLAMA_BUILD,$(PY)) build --sdist $(SDIST) --out $(WHEELS) --jobs $(JOBS)
+
+llama-server: $(LLAMA_SERVER)
+
+# About 7 minutes on 2 cores, once per machine kind (cached like the wheel).
+$(LLAMA_SERVER): $(SDIST) | $(PY)
+	$(call LLAMA_BUILD,$(PY)) build-server --sdist $(SDIST) --out $(dir $@) --jobs $(JOBS)
 
 # llama.cpp's own converter (convert_hf_to_gguf.py + conversion/ + gguf-py) from the same sdist.
 $(LLAMA_TOOLS)/.stamp: $(SDIST) | $(PY)

@@ -31,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -62,11 +63,27 @@ class BuildInputs:
     native_features: tuple[str, ...]  # what -march=native adds, as compiler macros; () when not native
 
 
-def wheel_key(inputs: BuildInputs) -> str:
-    """The cache folder name for a wheel built from `inputs`: readable prefix, digest of everything."""
-    blob = json.dumps(asdict(inputs), sort_keys=True).encode()
+def wheel_key(inputs: BuildInputs, name: str = PACKAGE, extra: tuple[str, ...] = ()) -> str:
+    """The cache folder name for a build from `inputs`: readable prefix, digest of everything.
+
+    `name` and `extra` (further build arguments) tell other artifacts built from the same inputs apart.
+    """
+    blob = json.dumps([asdict(inputs), list(extra)], sort_keys=True).encode() if extra else \
+        json.dumps(asdict(inputs), sort_keys=True).encode()
     kind = "native" if inputs.native else "portable"
-    return f"{PACKAGE}-{inputs.version}-{inputs.machine}-{kind}-{hashlib.sha256(blob).hexdigest()[:16]}"
+    return f"{name}-{inputs.version}-{inputs.machine}-{kind}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+# llama.cpp's own OpenAI-compatible server, built from the same sdist for the teacher's end-to-end test
+# and for users who label with a local model: static (one file to cache), offline (no prebuilt web UI).
+SERVER = "llama-server"
+SERVER_CMAKE_ARGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF")
+
+
+def server_key(inputs: BuildInputs) -> str:
+    return wheel_key(inputs, SERVER, SERVER_CMAKE_ARGS)
 
 
 def is_native(cmake_args: str, env: dict[str, str]) -> bool:
@@ -195,22 +212,74 @@ def build(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     return out / wheels[0].name
 
 
+def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
+    """llama-server built from the sdist's llama.cpp into `out` (named by `server_key`), unless it is there.
+
+    The same environment (CMAKE_ARGS, C/C++ flags with the AMX guard, -march=native) as the wheel.
+    """
+    inputs, env = detect(version)
+    if out.name != server_key(inputs):
+        raise SystemExit(f"error: {out} is not named by this machine's key {server_key(inputs)} (inputs changed?)")
+    binary = out / SERVER
+    if (out / BUILD_INFO).is_file() and binary.is_file():
+        return binary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        src = work / "src"
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+        print(f"building {SERVER} from {sdist.name} into {out} (CFLAGS={inputs.cflags!r}): about 7 minutes on 2 cores",
+              flush=True)
+        t0 = time.time()
+        configure = ["cmake", "-S", str(src), "-B", str(work / "build"), *SERVER_CMAKE_ARGS,
+                     *shlex.split(inputs.cmake_args)]
+        subprocess.run(configure, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(work / "build"), "--target", SERVER, "-j", str(jobs)], env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+        stage = work / "out"
+        stage.mkdir()
+        shutil.copy2(work / "build" / "bin" / SERVER, stage / SERVER)
+        info = {"key": out.name, "inputs": asdict(inputs), "cmake_args": list(SERVER_CMAKE_ARGS),
+                "built_on": {"cpu": this_cpu().model, "kind": this_cpu().kind(), "flags": sorted(this_cpu().flags)},
+                "build_seconds": round(time.time() - t0)}
+        (stage / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return binary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m elemental.llama_build", description=__doc__.splitlines()[0])
     ap.add_argument("--version", required=True, help=f"{PACKAGE} version")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("key", help="print the cache key of this machine's build")
+    sub.add_parser("server-key", help="print the cache key of this machine's llama-server build")
     sub.add_parser("describe", help="print the build inputs behind the key, as JSON")
     b = sub.add_parser("build", help="build the wheel into OUT unless it is there; print the wheel's path")
     b.add_argument("--sdist", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the key)")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    b = sub.add_parser("build-server", help="build llama-server into OUT unless it is there; print its path")
+    b.add_argument("--sdist", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the server key)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.command == "build":
         print(build(args.version, args.sdist, args.out, args.jobs))
         return 0
+    if args.command == "build-server":
+        print(build_server(args.version, args.sdist, args.out, args.jobs))
+        return 0
     inputs, _ = detect(args.version)
-    print(wheel_key(inputs) if args.command == "key" else json.dumps(asdict(inputs), indent=2))
+    keys = {"key": wheel_key, "server-key": server_key}
+    print(keys[args.command](inputs) if args.command in keys else json.dumps(asdict(inputs), indent=2))
     return 0
 
 
