@@ -664,16 +664,20 @@ def test_folder_per_class_tree(task, tmp_path: Path):
     _write(root / ".trash" / "x.jpg", b"hidden folder")
     _write(root / "fire" / "empty.jpg", b"")
     (root / "fire" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    _write(root / "water" / "IMG_0042", _jpeg_bytes(4))  # a camera file without a suffix: a photo by its bytes
     items = list(open_source(f"folder:{root}", task))
     photos = [i for i in items if isinstance(i, Photo)]
     assert [(p.source_id, p.label) for p in photos] == [
-        ("fire/c.WEBP", "fire"), ("water/b.jpg", "water"), ("water/deep/a.png", "water")
+        ("fire/c.WEBP", "fire"), ("water/IMG_0042", "water"), ("water/b.jpg", "water"), ("water/deep/a.png", "water")
     ]
     assert photos[0].source == "local" and photos[0].data == _jpeg_bytes(3)
     assert photos[0].name == str(root / "fire" / "c.WEBP")
     rejected = {r.source_id: r for r in items if isinstance(r, Rejected)}
-    assert set(rejected) == {"fire/empty.jpg", "fire/gone.jpg"}
-    assert "empty file" in rejected["fire/empty.jpg"].reason and rejected["fire/gone.jpg"].kind == "unreadable"
+    assert set(rejected) == {"fire/empty.jpg", "fire/gone.jpg", "fire/notes.txt"}  # nothing skipped without a word
+    assert "empty file" in rejected["fire/empty.jpg"].reason
+    gone = rejected["fire/gone.jpg"].reason
+    assert "broken symbolic link" in gone and "nowhere.jpg" in gone
+    assert rejected["fire/notes.txt"].kind == "not_a_photo" and "suffix '.txt'" in rejected["fire/notes.txt"].reason
     skipped = list(open_source(f"folder:{root}", task, skip_ids={"water/b.jpg"}))
     assert "water/b.jpg" not in {i.source_id for i in skipped} and len(skipped) == len(items) - 1
 

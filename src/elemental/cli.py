@@ -248,7 +248,8 @@ def evaluate(
                                              help="Results JSON (with --compare: the comparison JSON).")] = None,
     plot_cm: Annotated[bool, typer.Option("--plot-cm", "--plot_cm", help="Write confusion_matrix.png.")] = False,
     backend: BackendOpt = None,
-    quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
+    quant: Annotated[str | None, typer.Option("--quant", help="GGUF text model quant to use (default: the "
+                                              "first one exported).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help=(
         "Also evaluate the base model zero-shot with the same prompt (hf backend) into <results>_baseline.json "
         "and print the lift."))] = False,
@@ -329,7 +330,10 @@ def _compare_results_files(a: Path, b: Path, output_path: Path | None, show: int
 
 
 def _photo_paths(inputs: list[str]) -> list[Path]:
-    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    """The photos named or found (recursively) in folders: the suffixes `prepare` reads, HEIC/HEIF/AVIF included."""
+    from .images import IMAGE_SUFFIXES
+
+    exts = IMAGE_SUFFIXES
     if inputs == ["-"]:
         inputs = [line.strip() for line in sys.stdin if line.strip()]
     out: list[Path] = []
@@ -353,7 +357,8 @@ def classify(
     lora_path: Annotated[Path | None, _opt("--lora-path", "--lora_path", help="Adapter for an HF base.")] = None,
     backend: BackendOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "--top_k", help="Labels to list per photo.")] = 1,
-    quant: Annotated[str, typer.Option("--quant", help="GGUF text model quant to use.")] = "Q8_0",
+    quant: Annotated[str | None, typer.Option("--quant", help="GGUF text model quant to use (default: the "
+                                              "first one exported).")] = None,
 ) -> None:
     """Classify photos: one JSON line per photo with the label, probabilities and milliseconds."""
     from .images import PHOTO_MAX_SIDE, open_image

@@ -14,9 +14,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ElementalError
+from .fileio import read_text_utf8
 
 REAL_BASE_MODEL = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 DEFAULT_NUM_IMAGES = 1000
+MAX_LABEL_CHARS = 40
 DEFAULT_LABELS = ["water", "land", "fire", "wood", "metal"]
 
 
@@ -37,8 +39,15 @@ class TaskConfig(_Section):
         for label in v:
             if not label or label != label.strip() or any(c.isspace() for c in label):
                 raise ValueError(f"label {label!r} must be a non-empty word without spaces")
-        if len(set(v)) != len(v):
-            raise ValueError("labels must be unique")
+            if len(label) > MAX_LABEL_CHARS:
+                raise ValueError(f"label {label[:20]!r}... is longer than {MAX_LABEL_CHARS} characters")
+        seen: dict[str, str] = {}
+        for label in v:
+            twin = seen.setdefault(label.casefold(), label)
+            if twin != label:
+                raise ValueError(f"labels {twin!r} and {label!r} differ only in case: one class or two?")
+            if label in v[v.index(label) + 1:]:
+                raise ValueError(f"label {label!r} is listed twice")
         return v
 
 
@@ -84,6 +93,8 @@ class PrepareConfig(_Section):
     unsplash_api_url: str | None = None  # default: env UNSPLASH_API_URL, else the public API
     openverse_api_url: str | None = None
     allow_private_urls: bool = False  # downloads and redirects to loopback/private/link-local addresses
+    # Photos with more pixels to decode are skipped with the reason (JPEGs are decoded at reduced scale first).
+    max_pixels: int = Field(100_000_000, ge=1_000_000)
 
     def photo_cap(self, n_labels: int) -> int:
         """How many photos the dataset may keep (see num_images)."""
@@ -211,7 +222,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         if not path.is_file():
             raise ElementalError(f"config file not found: {path}")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_text_utf8(path))
         except tomllib.TOMLDecodeError as e:
             raise ElementalError(f"{path}: invalid TOML ({e})") from None
     try:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -21,6 +21,24 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through in pieces: a temp file in the same folder, fsynced and renamed
+    over `path` when the block ends; removed, leaving `path` as it was, when the block raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,14 +91,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_text_utf8(path: Path) -> str:
+    """A text file as UTF-8 (a leading BOM is dropped); anything else is a one-line ElementalError that
+    names the file and the byte offset, so a Latin-1 or UTF-16 file is refused, not half-read."""
+    from .errors import ElementalError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ElementalError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                             "save it as UTF-8") from None
+
+
 def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file, turning a missing or malformed file into a one-line ElementalError."""
+    """Read a JSON file, turning a missing, non-UTF-8 or malformed file into a one-line ElementalError."""
     from .errors import ElementalError
 
     path = Path(path)
     if not path.is_file():
         raise ElementalError(f"{what} not found: {path}")
+    text = read_text_utf8(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ElementalError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ElementalError(f"{path}: JSON nested too deeply") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -50,18 +51,42 @@ IMAGE_SUFFIXES = frozenset(
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"})
 _HEIF_HINT = "a HEIC/HEIF photo needs the pillow-heif package (pip install pillow-heif)"
 
+# What the first bytes of a photo file look like, for files without a telling suffix or Content-Type.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+SNIFF_BYTES = 32
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether `head` (a file's first SNIFF_BYTES bytes) starts like a raster photo format prepare decodes."""
+    if head.startswith(_IMAGE_MAGIC):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return _looks_like_heif(head) or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"))
+
+# The most pixels a photo may have once decoded (after a JPEG's reduced-scale decode): about 300 MB of
+# RGB, several of which may be decoded at once. Larger photos are skipped with this reason (a setting:
+# `prepare.max_pixels`). JPEGs of any size pass when the caller shrinks them anyway (`max_side`), since
+# they are then decoded at 1/2, 1/4 or 1/8 scale and never become a full-size array. This check replaces
+# Pillow's decompression-bomb warning (a raw warning, or a traceback under -W error) and error.
+DEFAULT_MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None
+
 # Pillow's own decoders' failures for bad files are spread over these exception types.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError, KeyError)
 
 
-def open_image(path: Path, max_side: int | None = None) -> Image.Image:
+def open_image(path: Path, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open `path` as an upright RGB image, fully decoded, or raise ElementalError naming the file.
 
     `max_side` is a promise that the caller will shrink the result to that long side (as `prepare`
     does): JPEGs are then decoded at a reduced DCT scale, several times faster for camera photos.
-    The result may still be larger than `max_side`; `bounded` finishes the job.
+    The result may still be larger than `max_side`; `bounded` finishes the job. A photo with more than
+    `max_pixels` pixels to decode is refused with that reason before any pixel is decoded.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ElementalError(f"{path}: broken symbolic link (points to {path.readlink()}, which does not exist)")
     if not path.is_file():
         raise ElementalError(f"image not found: {path}")
     try:
@@ -72,29 +97,37 @@ def open_image(path: Path, max_side: int | None = None) -> Image.Image:
         raise ElementalError(f"{path}: empty file (0 bytes), not an image")
     try:
         with open(path, "rb") as f:
-            return _decode(f, str(path), max_side)
+            return _decode(f, str(path), max_side, max_pixels)
     except OSError as e:  # opening the file itself; Pillow's errors are handled in _decode
         raise ElementalError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def open_image_bytes(data: bytes, name: str, max_side: int | None = None) -> Image.Image:
+def open_image_bytes(data: bytes, name: str, max_side: int | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Like `open_image` for bytes already in memory (a download); errors name `name` (its URL or id)."""
     if not data:
         raise ElementalError(f"{name}: empty file (0 bytes), not an image")
-    return _decode(io.BytesIO(data), name, max_side)
+    return _decode(io.BytesIO(data), name, max_side, max_pixels)
 
 
-def _decode(fp: IO[bytes], name: str, max_side: int | None) -> Image.Image:
+def _decode(fp: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> Image.Image:
     """Open, decode and normalise one image from `fp`; every failure is an ElementalError naming `name`."""
     try:
-        with Image.open(fp) as img:
-            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
-            if max_side is not None:
-                _draft(img, max_side)
-            img.load()
-            return _exif_upright(img, _to_rgb(img))
-    except Image.DecompressionBombError as e:
-        raise ElementalError(f"{name}: refused as a possible decompression bomb ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says why
+            with Image.open(fp) as img:
+                img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+                full = img.size
+                if max_side is not None:
+                    _draft(img, max_side)
+                w, h = img.size
+                if w * h > max_pixels:
+                    drafted = f" (decoded at {w}x{h})" if img.size != full else ""
+                    raise ElementalError(
+                        f"{name}: {full[0]}x{full[1]} = {full[0] * full[1] / 1e6:.0f} Mpx{drafted}, over the limit "
+                        f"of {max_pixels / 1e6:.0f} Mpx (max_pixels); skipped")
+                img.load()
+                return _exif_upright(img, _to_rgb(img))
     except UnidentifiedImageError:
         fp.seek(0)
         if _looks_like_heif(fp.read(16)) and not HEIF_AVAILABLE:
@@ -271,6 +304,30 @@ def perceptual_hash(img: Image.Image) -> str:
     for bit in bits:
         value = (value << 1) | int(bit)
     return f"{value:016x}"
+
+
+COLOUR_GRID = 4
+# Mean absolute difference (0..255) of two photos' 4x4 colour grids within which near-identical
+# structure counts as a near duplicate: a re-encoded or resized photo differs by 1-3 levels.
+NEAR_DUPLICATE_COLOUR = 12.0
+
+
+def colour_signature(img: Image.Image) -> str:
+    """The mean colour of each cell of a 4x4 grid over `img`, as 96 hex digits.
+
+    dHash sees only brightness gradients: every flat picture hashes the same (a clear blue sky and a
+    night sky, a white and a black sheet). Colour is what this classifier learns (fire vs water), so
+    near duplicates must also look alike in colour (`colour_distance`).
+    """
+    small = img.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX)
+    return bytes(np.asarray(small, dtype=np.uint8).flatten()).hex()
+
+
+def colour_distance(a: str, b: str) -> float:
+    """Mean absolute difference of two `colour_signature`s, in levels 0..255."""
+    x = np.frombuffer(bytes.fromhex(a), dtype=np.uint8).astype(np.int16)
+    y = np.frombuffer(bytes.fromhex(b), dtype=np.uint8).astype(np.int16)
+    return float(np.abs(x - y).mean())
 
 
 def hamming(a: str, b: str) -> int:

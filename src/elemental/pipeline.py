@@ -28,7 +28,7 @@ def open_classifier(
     backend: str | None = None,
     lora_path: Path | None = None,
     longest_edge: int = 512,
-    quant: str = "Q8_0",
+    quant: str | None = None,
     threads: int | None = None,
 ) -> Classifier:
     """An `hf` or `gguf` classifier for `model_path` (the backend is guessed from the files if not given)."""
@@ -72,7 +72,7 @@ def stage_train(cfg: RunConfig, task: Task, say: Say = print) -> dict:
         return metrics
     say(
         f"train: {cfg.train.output_dir} loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}, "
-        f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s)"
+        f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s); tracking: {metrics['tracking']}"
     )
     return metrics
 
@@ -172,7 +172,7 @@ def stage_evaluate(cfg: RunConfig, task: Task, say: Say = print) -> dict[str, di
     for backend in cfg.evaluate.backends:
         model = cfg.export.output_dir if backend == "gguf" else cfg.merged_model_dir()
         clf = open_classifier(model, task, backend, longest_edge=cfg.model.image_longest_edge,
-                              threads=cfg.evaluate.threads)
+                              quant=cfg.export.quant[0], threads=cfg.evaluate.threads)  # one that was exported
         out[backend] = evaluate_model(
             clf, cfg.train.dataset_dir, cfg.evaluate.split, task, default_results_path(cfg, backend),
             cfg.evaluate.plot_cm, say,

@@ -91,9 +91,12 @@ class GGUFClassifier:
 
     backend = "gguf"
 
-    def __init__(self, gguf_dir_or_manifest: Path, quant: str = "Q8_0", n_threads: int | None = None,
+    def __init__(self, gguf_dir_or_manifest: Path, quant: str | None = None, n_threads: int | None = None,
                  extra_bufts: bool | None = None):
-        """Open an export folder. `extra_bufts` None: weight repacking where safe (AMX never; llama_runtime)."""
+        """Open an export folder with its `quant` text model (None: the first one exported).
+
+        `extra_bufts` None: weight repacking where safe (AMX never; llama_runtime).
+        """
         self.folder, self.manifest = load_manifest(gguf_dir_or_manifest)
         m = self.manifest
         self.labels = tuple(m["labels"])

@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import random
+import shutil
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,11 +30,21 @@ from typing import Any
 from .. import __version__
 from ..config import PrepareConfig
 from ..errors import ElementalError
-from ..fileio import atomic_dir, write_json_atomic, write_text_atomic
-from ..images import PHOTO_MAX_SIDE, bounded, encode_jpeg, hamming, open_image_bytes, perceptual_hash
+from ..fileio import atomic_dir, write_json_atomic
+from ..images import (
+    NEAR_DUPLICATE_COLOUR,
+    PHOTO_MAX_SIDE,
+    bounded,
+    colour_distance,
+    colour_signature,
+    encode_jpeg,
+    hamming,
+    open_image_bytes,
+    perceptual_hash,
+)
 from ..task import Task
 from .records import Record, load_split, save_split
-from .report import SheetEntry, report_html, thumbnail
+from .report import SheetEntry, thumbnail, write_report
 from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source, source_kind
 from .split import class_counts, stratified_split
 
@@ -49,19 +61,43 @@ DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")
 
 @dataclass
 class _Item:
-    """A decoded photo waiting for (or holding) its label."""
+    """A decoded photo waiting for (or holding) its label.
+
+    Only hashes, sizes and a small thumbnail stay in memory: the normalised JPEG is written to the
+    staging folder as soon as the photo is admitted (`stage`) and the original bytes are let go, so
+    memory does not grow with the number of photos.
+    """
 
     photo: Photo
     sha256: str
-    jpeg: bytes
+    jpeg_sha256: str
     width: int
     height: int
     phash: str
-    thumb: bytes  # for report.html, made while the decoded photo is at hand
+    colour: str
+    thumb: bytes | Path  # for report.html, made while the decoded photo is at hand (a file once staged)
+    jpeg_bytes: bytes | None = None  # until staged
+    jpeg_path: Path | None = None
     element: str | None = None
     reason: str = ""
     confidence: float = 0.0
     labeler: str = FOLDER_LABELER
+
+    def stage(self, folder: Path) -> None:
+        """Write the normalised JPEG and the thumbnail to `folder` and keep only their paths; the original
+        bytes are dropped."""
+        self.jpeg_path = folder / f"{self.sha256}.jpg"
+        self.jpeg_path.write_bytes(self.jpeg_bytes or b"")
+        if isinstance(self.thumb, bytes):
+            thumb = folder / f"{self.sha256}.thumb.jpg"
+            thumb.write_bytes(self.thumb)
+            self.thumb = thumb
+        self.jpeg_bytes = None
+        self.photo.data = b""
+
+    @property
+    def jpeg(self) -> bytes:
+        return self.jpeg_bytes if self.jpeg_bytes is not None else self.jpeg_path.read_bytes()
 
     def record(self) -> Record:
         image_id = self.sha256[:ID_LENGTH]
@@ -92,38 +128,42 @@ class _Tally:
         if n > 0:
             self.dropped[why] += n
 
-    def reject(self, source: str, source_id: str, kind: str, reason: str, thumb: bytes | None = None) -> None:
+    def reject(self, source: str, source_id: str, kind: str, reason: str, thumb: bytes | Path | None = None) -> None:
         self.drop(f"rejected_{kind}")
         self.rejected.append({"source": source, "source_id": source_id, "kind": kind, "reason": reason})
         self.rejected_sheet.append(SheetEntry(thumb, None, reason, None, source, source_id))
 
 
 class _Dedup:
-    """Exact (sha256 of the original and of the normalised JPEG) and near (perceptual hash) duplicates.
+    """Exact (sha256 of the original and of the normalised JPEG) and near duplicates.
 
-    Each kept photo is remembered with its hashes, so a dropped duplicate names the twin that was kept.
+    A near duplicate has nearly the same structure (perceptual hash within `max_distance` bits) and
+    nearly the same colours (`images.colour_distance`): the hash alone calls every flat picture the same,
+    a blue sky and a night sky included. Each kept photo is remembered, so a dropped duplicate names the
+    twin that was kept.
     """
 
     def __init__(self, max_distance: int):
         self.max_distance = max_distance
         self.owners: dict[str, Photo] = {}
-        self.phashes: list[tuple[str, Photo]] = []
+        self.looks: list[tuple[str, str, Photo]] = []
 
-    def check(self, *shas: str, phash: str | None = None) -> tuple[str, Photo] | None:
+    def check(self, *shas: str, phash: str | None = None, colour: str | None = None) -> tuple[str, Photo] | None:
         """(why, the kept twin) when the photo with these hashes is a duplicate, else None."""
         for sha in shas:
             if sha in self.owners:
                 return "duplicate", self.owners[sha]
-        if phash is not None and self.max_distance > 0:
-            for kept_phash, owner in self.phashes:
-                if hamming(phash, kept_phash) <= self.max_distance:
+        if phash is not None and colour is not None and self.max_distance > 0:
+            for kept_phash, kept_colour, owner in self.looks:
+                if (hamming(phash, kept_phash) <= self.max_distance
+                        and colour_distance(colour, kept_colour) <= NEAR_DUPLICATE_COLOUR):
                     return "near_duplicate", owner
         return None
 
-    def add(self, *shas: str, phash: str, photo: Photo) -> None:
+    def add(self, *shas: str, phash: str, colour: str, photo: Photo) -> None:
         for sha in shas:
             self.owners.setdefault(sha, photo)
-        self.phashes.append((phash, photo))
+        self.looks.append((phash, colour, photo))
 
 
 @dataclass(frozen=True)
@@ -132,43 +172,45 @@ class _Unreadable:
     error: ElementalError
 
 
-def _decode(photo: Photo) -> _Item | _Unreadable:
+def _decode(photo: Photo, max_pixels: int) -> _Item | _Unreadable:
     """The CPU-heavy part of ingesting (decode, resize, JPEG, hashes); runs in worker threads."""
     try:
-        img = bounded(open_image_bytes(photo.data, photo.name, max_side=MAX_SIDE), MAX_SIDE)
+        img = bounded(open_image_bytes(photo.data, photo.name, max_side=MAX_SIDE, max_pixels=max_pixels), MAX_SIDE)
     except ElementalError as e:
         return _Unreadable(photo, e)
-    sha = hashlib.sha256(photo.data).hexdigest()
-    return _Item(photo, sha, encode_jpeg(img), img.width, img.height, perceptual_hash(img), thumbnail(img))
+    jpeg = encode_jpeg(img)
+    return _Item(photo, hashlib.sha256(photo.data).hexdigest(), hashlib.sha256(jpeg).hexdigest(), img.width,
+                 img.height, perceptual_hash(img), colour_signature(img), thumbnail(img), jpeg_bytes=jpeg)
 
 
-def _decoded(photos: Iterator[Photo], workers: int) -> Iterator[_Item | _Unreadable]:
+def _decoded(photos: Iterator[Photo], workers: int, max_pixels: int) -> Iterator[_Item | _Unreadable]:
     """`_decode` over `photos` in a thread pool (Pillow releases the GIL), in order, a bounded window ahead."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         window: deque[Future] = deque()
         for photo in photos:
-            window.append(pool.submit(_decode, photo))
+            window.append(pool.submit(_decode, photo, max_pixels))
             if len(window) > 2 * workers:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
 
 
-def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task) -> _Item | None:
-    """De-duplicate one decoded photo and take its known label; None (reason tallied) when dropped."""
+def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task, staging: Path) -> _Item | None:
+    """De-duplicate one decoded photo, take its known label and stage it; None (reason tallied) when dropped."""
     if isinstance(item, _Unreadable):
+        item.photo.data = b""
         tally.reject(item.photo.source, item.photo.source_id, "unreadable", str(item.error))
         log.warning("%s", item.error)
         return None
-    jpeg_sha = hashlib.sha256(item.jpeg).hexdigest()
-    found = dedup.check(item.sha256, jpeg_sha, phash=item.phash)
+    found = dedup.check(item.sha256, item.jpeg_sha256, phash=item.phash, colour=item.colour)
     if found:
         why, twin = found
         tally.drop(why)
         tally.duplicates.append({"source": item.photo.source, "source_id": item.photo.source_id, "why": why,
                                  "duplicate_of": {"source": twin.source, "source_id": twin.source_id}})
         return None
-    dedup.add(item.sha256, jpeg_sha, phash=item.phash, photo=item.photo)
+    dedup.add(item.sha256, item.jpeg_sha256, phash=item.phash, colour=item.colour, photo=item.photo)
+    item.stage(staging)
     photo = item.photo
     if photo.label is not None:
         task.check_label(photo.label)
@@ -245,22 +287,24 @@ class _Labeler:
 API_SOURCES = ("unsplash", "openverse")
 
 
-def _previous_photos(output_dir: Path, task: Task, cfg: PrepareConfig) -> list[Photo]:
+def _previous_records(output_dir: Path, task: Task, cfg: PrepareConfig) -> list[Record]:
     """The API photos an earlier run of this dataset kept, so a re-run after a rate-limit stop continues.
 
-    They come back with their labels (no teacher call) and their source ids are skipped by the
-    sources (no second download, no second tracking call).
+    Their source ids are skipped by the sources (no second download, no second tracking call), and
+    `_previous_photos` brings them back with their labels (no teacher call).
     """
     if not (output_dir / "metadata.json").is_file() or not any(source_kind(s) in API_SOURCES for s in cfg.sources):
         return []
-    photos = []
-    for split in ("train", "val"):
-        for r in load_split(output_dir, split, task):
-            if r.source in API_SOURCES and r.source_id:
-                path = output_dir / r.image_path
-                photos.append(Photo(path.read_bytes(), r.source, r.source_id, r.element, r.reason, r.confidence,
-                                    r.attribution, location=str(path)))
-    return photos
+    return [r for split in ("train", "val") for r in load_split(output_dir, split, task)
+            if r.source in API_SOURCES and r.source_id]
+
+
+def _previous_photos(output_dir: Path, records: list[Record]) -> Iterator[Photo]:
+    """The earlier run's photos, read one at a time (a large dataset is never all in memory)."""
+    for r in records:
+        path = output_dir / r.image_path
+        yield Photo(path.read_bytes(), r.source, r.source_id, r.element, r.reason, r.confidence, r.attribution,
+                    location=str(path))
 
 
 def _open_streams(cfg: PrepareConfig, task: Task, skip_ids: set[str]) -> list[PhotoStream]:
@@ -338,14 +382,15 @@ def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
 
 
 def _collect(
-    photos: Iterator[Photo], cfg: PrepareConfig, task: Task, dedup: _Dedup, tally: _Tally, labeler: _Labeler
+    photos: Iterator[Photo], cfg: PrepareConfig, task: Task, dedup: _Dedup, tally: _Tally, labeler: _Labeler,
+    staging: Path,
 ) -> list[_Item]:
     """Ingest photos; label the unlabelled ones in chunks, and only while the targets are not met yet."""
     items: list[_Item] = []
     pending: list[_Item] = []
     chunk = max(32, cfg.num_workers * 8)
-    for decoded in _decoded(photos, DECODE_WORKERS):
-        item = _admit(decoded, dedup, tally, task)
+    for decoded in _decoded(photos, DECODE_WORKERS, cfg.max_pixels):
+        item = _admit(decoded, dedup, tally, task, staging)
         if item is None:
             continue
         (items if item.element is not None else pending).append(item)
@@ -381,15 +426,21 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
     if any(source_kind(s) == "unsplash" for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
-    previous = _previous_photos(output_dir, task, cfg)
-    streams = _open_streams(cfg, task, {p.source_id for p in previous})
+    previous = _previous_records(output_dir, task, cfg)
+    earlier = {r.source_id for r in previous if r.source_id}
+    streams = _open_streams(cfg, task, earlier)
+    # Normalised JPEGs wait here (beside the dataset, so moving them in is a rename) until the dataset is
+    # written; removed in every case.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
     try:
         try:
-            items = _collect(chain(previous, _photos(streams, tally)), cfg, task, dedup, tally, labeler)
+            photos = chain(_previous_photos(output_dir, previous), _photos(streams, tally))
+            items = _collect(photos, cfg, task, dedup, tally, labeler, staging)
             teacher_report = labeler.report()
         finally:
             labeler.close()
-        kept = _select(items, cfg, task, tally, {p.source_id for p in previous})
+        kept = _select(items, cfg, task, tally, earlier)
         if not kept:
             raise ElementalError(f"no photos kept from sources {cfg.sources} (dropped: {dict(tally.dropped)})")
         records = [i.record() for i in kept]
@@ -403,18 +454,17 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
         with atomic_dir(output_dir) as tmp:
             (tmp / "images").mkdir()
             for item, rec in zip(kept, records, strict=True):
-                (tmp / rec.image_path).write_bytes(item.jpeg)  # atomic as part of the whole folder swap
+                os.replace(item.jpeg_path, tmp / rec.image_path)  # part of the whole folder swap
             save_split(tmp / "train.json", train)
             save_split(tmp / "val.json", val)
             write_json_atomic(tmp / "metadata.json", metadata)
-            write_text_atomic(tmp / "report.html", report_html(
-                task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet, tally.rejected_sheet,
-                _summary(metadata),
-            ))
+            write_report(tmp / "report.html", task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet,
+                         tally.rejected_sheet, _summary(metadata))
         for item in kept:  # e.g. Unsplash download tracking: exactly once per kept photo, after it is saved
             if item.photo.on_kept is not None:
                 item.photo.on_kept()
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         for stream in streams:
             stream.close()
     for note in tally.notes:

@@ -20,23 +20,35 @@ from ..task import Task
 Source = Literal["unsplash", "openverse", "local", "url"]
 
 
+# Length caps on text fields. A reason is one sentence (the teacher is asked for one, and its answers are
+# cut at 300 characters); a record whose reason is longer than MAX_REASON_CHARS is refused, naming
+# file[index].reason: a 5 MiB "reason" once turned into a multi-terabyte allocation inside training.
+MAX_REASON_CHARS = 2000
+MAX_ID_CHARS = 256
+MAX_PATH_CHARS = 1024
+
+
 class Record(BaseModel):
-    """One labelled photo. `image_path` is relative to the dataset dir; `element` is the label."""
+    """One labelled photo. `image_path` is relative to the dataset dir; `element` is the label.
 
-    model_config = ConfigDict(extra="allow")
+    Types are strict: `"confidence": true` or `"0.9"` is refused, not read as 1.0 or 0.9, and NaN is
+    not a confidence.
+    """
 
-    image_id: str
-    image_path: str
-    element: str
-    reason: str
-    confidence: float = Field(ge=0.0, le=1.0)
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    image_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    image_path: str = Field(max_length=MAX_PATH_CHARS)
+    element: str = Field(max_length=MAX_ID_CHARS)
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+    confidence: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     source: Source | None = None
-    source_id: str | None = None
+    source_id: str | None = Field(default=None, max_length=MAX_PATH_CHARS * 2)
     attribution: dict[str, Any] | None = None
-    sha256: str | None = None  # of the original photo file: its identity (image_id derives from it)
+    sha256: str | None = Field(default=None, max_length=64)  # of the original photo file: its identity
     width: int | None = Field(default=None, ge=1)
     height: int | None = Field(default=None, ge=1)
-    labeler: str | None = None  # teacher model + prompt version, or "folder-name"
+    labeler: str | None = Field(default=None, max_length=MAX_ID_CHARS)  # teacher + prompt version, or folder-name
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to disk: unset optional keys left out, as in the seed's files."""
@@ -92,7 +104,12 @@ def _parse_record(item: Any, where: str) -> Record:
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        msg = "missing required field" if first["type"] == "missing" else first["msg"]
+        got = first.get("input")
+        msg = {"missing": "missing required field", "finite_number": "must be a finite number (not NaN or infinity)",
+               "string_too_long": f"{len(str(got))} characters, over the limit of "
+                                  f"{(first.get('ctx') or {}).get('max_length')}"}.get(first["type"], first["msg"])
+        if first["type"].endswith("_type"):  # strict types: say what was given instead
+            msg += f", got {type(got).__name__} {str(got)[:40]!r}" if not isinstance(got, bool) else f", got {got}"
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise ElementalError(f"{where}.{field}: {msg}{more}") from None
 

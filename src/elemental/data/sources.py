@@ -52,7 +52,7 @@ import httpx
 
 from .. import __version__
 from ..errors import ElementalError
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, SNIFF_BYTES, looks_like_image
 from ..task import Task
 from .records import load_split
 
@@ -220,7 +220,7 @@ def open_source(
 
 
 def _folder_source(spec: str, root: Path, task: Task, skip: frozenset[str]) -> PhotoStream:
-    files = _scan_folder(root, task)
+    files, others = _scan_folder(root, task)
     notes: list[str] = []
 
     def photos() -> Iterator[Photo | Rejected]:
@@ -228,12 +228,33 @@ def _folder_source(spec: str, root: Path, task: Task, skip: frozenset[str]) -> P
             if rel in skip:
                 continue
             yield _read_local(path, rel, label)
+        for path, rel in others:  # never a silent skip: every file that is not a photo is reported
+            yield Rejected("local", rel, f"{path}: {_not_a_photo(path)}; skipped", "not_a_photo")
 
     return PhotoStream(spec, photos(), notes)
 
 
-def _scan_folder(root: Path, task: Task) -> list[tuple[Path, str, str | None]]:
-    """(path, path relative to root, label) of every photo under `root`, sorted; labels checked now.
+def _is_photo_file(path: Path) -> bool:
+    """A photo by its suffix, or (no or an unknown suffix: cameras and phones write such files) by its first bytes."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return looks_like_image(f.read(SNIFF_BYTES))
+    except OSError:
+        return False
+
+
+def _not_a_photo(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+    kind = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+    return f"not a photo file ({kind}, and its content is not a photo format)"
+
+
+def _scan_folder(root: Path, task: Task) -> tuple[list[tuple[Path, str, str | None]], list[tuple[Path, str]]]:
+    """(path, path relative to root, label) of every photo under `root`, sorted; labels checked now. Also the
+    other files found (path, relative path), which the source reports as skipped.
 
     Photos directly in `root` make it a flat folder (everything under it goes to the teacher); only
     subfolders make it a folder-per-class tree, and then every subfolder must be a label: a typo such
@@ -242,10 +263,12 @@ def _scan_folder(root: Path, task: Task) -> list[tuple[Path, str, str | None]]:
     if not root.is_dir():
         raise ElementalError(f"source folder not found: {root}")
     entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
-    subdirs = [e for e in entries if e.is_dir()]
-    top_photos = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES]
+    subdirs = [e for e in entries if e.is_dir() and not e.is_symlink()]
+    top_files = [e for e in entries if not e.is_dir()]
+    top_photos = [e for e in top_files if e.is_file() and _is_photo_file(e)]
     labels = list(task.labels)
     found: list[tuple[Path, str, str | None]] = []
+    others: list[tuple[Path, str]] = []
     if top_photos:
         class_dirs = [d.name for d in subdirs if d.name in task.labels]
         if class_dirs:
@@ -253,7 +276,9 @@ def _scan_folder(root: Path, task: Task) -> list[tuple[Path, str, str | None]]:
                 f"{root}: has photos directly in it and class folders {class_dirs}; put every photo in a "
                 f"class folder (one of {labels}), or use a flat folder without class folders for the labeler"
             )
-        found = [(p, p.relative_to(root).as_posix(), None) for p in _photos_under(root)]
+        photos, rest = _files_under(root)
+        found = [(p, p.relative_to(root).as_posix(), None) for p in photos]
+        others = [(p, p.relative_to(root).as_posix()) for p in rest]
     else:
         for d in subdirs:
             if d.name not in task.labels:
@@ -261,22 +286,30 @@ def _scan_folder(root: Path, task: Task) -> list[tuple[Path, str, str | None]]:
                     f"{d}: folder name {d.name!r} is not one of the task's labels {labels} (in a "
                     f"folder-per-class tree every subfolder is a label; a flat folder of photos goes to the labeler)"
                 )
+        others = [(p, p.relative_to(root).as_posix()) for p in top_files]
         for d in subdirs:
-            found.extend((p, p.relative_to(root).as_posix(), d.name) for p in _photos_under(d))
+            photos, rest = _files_under(d)
+            found.extend((p, p.relative_to(root).as_posix(), d.name) for p in photos)
+            others.extend((p, p.relative_to(root).as_posix()) for p in rest)
     if not found:
-        raise ElementalError(f"{root}: no photos found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
+        raise ElementalError(f"{root}: no photos found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, and at "
+                             "the content of files without these suffixes)")
+    return found, others
 
 
-def _photos_under(folder: Path) -> list[Path]:
-    """Photo files under `folder`, recursively, sorted; hidden files and folders and symlinked folders skipped."""
-    out: list[Path] = []
+def _files_under(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(photo files, other files) under `folder`, recursively, sorted; hidden files and folders and
+    symlinked folders are left out (documented, as a system's own files)."""
+    photos: list[Path] = []
+    others: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                out.append(Path(dirpath) / name)
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+            if not name.startswith("."):
+                path = Path(dirpath) / name
+                (photos if path.is_file() and _is_photo_file(path) else others).append(path)
+    key = lambda p: p.relative_to(folder).as_posix()  # noqa: E731
+    return sorted(photos, key=key), sorted(others, key=key)
 
 
 def _read_local(path: Path, rel: str, label: str | None, **extra: Any) -> Photo | Rejected:
@@ -284,6 +317,9 @@ def _read_local(path: Path, rel: str, label: str | None, **extra: Any) -> Photo 
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if path.is_symlink():
+            return Rejected("local", rel, f"{path}: broken symbolic link (points to {os.readlink(path)}, "
+                                          "which does not exist)", "unreadable")
         return Rejected("local", rel, f"{path}: file disappeared before it was read", "unreadable")
     except OSError as e:
         return Rejected("local", rel, f"{path}: cannot read ({e.strerror or e})", "unreadable")
@@ -405,21 +441,6 @@ def stored_url(url: str) -> str:
     if len(kept) == len(list(u.params.multi_items())) and not u.userinfo:
         return url
     return str(u.copy_with(userinfo=b"", query=None).copy_merge_params(httpx.QueryParams(kept)))
-
-
-# What the first bytes of a photo file look like (the formats prepare decodes).
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
-SNIFF_BYTES = 32
-
-
-def looks_like_image(head: bytes) -> bool:
-    """Whether `head` (a file's first bytes) starts like a raster photo format prepare can decode."""
-    if head.startswith(_IMAGE_MAGIC):
-        return True
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 def _download(client: httpx.Client, url: str, timeout: float, max_bytes: int) -> bytes | tuple[str, str]:

@@ -79,9 +79,10 @@ def export_gguf(
                          "n_predict": max(len(t) for t in label_ids), "stop": [END_OF_UTTERANCE]},
             "grammar": label_grammar(task.labels),
             "files": files,
-            "base_model": base_model_of(model_dir),
-            "model_dir": str(model_dir.resolve()),
-            "source_run": source_run,
+            # The manifest ships to phones: no absolute path of the build machine in it.
+            "base_model": portable_path(base_model_of(model_dir)),
+            "model_dir": portable_path(str(model_dir)),
+            "source_run": portable_path(source_run) if source_run else None,
             "converter": {"source": converter_source(),
                           "tokenizer_pre_override": tokenizer_pre_override(model_dir)},
             "versions": runtime_versions(),
@@ -178,6 +179,19 @@ def label_grammar(labels: Sequence[str]) -> str:
         return '"' + f" {label}".replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return "root ::= " + " | ".join(literal(lab) for lab in labels)
+
+
+def portable_path(name: str) -> str:
+    """A hub id or a relative path as given; an absolute path relative to the working folder when it is
+    inside it, else only its last part (an absolute path says nothing on another machine, and tells
+    whoever gets the files the builder's user and folder names)."""
+    p = Path(name)
+    if not p.is_absolute():
+        return name
+    try:
+        return p.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return p.name
 
 
 def base_model_of(model_dir: Path) -> str:

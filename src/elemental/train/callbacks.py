@@ -23,12 +23,13 @@ from ..classify.base import prediction_from_scores
 from ..classify.hf import HFClassifier
 from ..data.records import Record
 from ..evaluate import confusion_matrix_png, evaluate_predictions
+from ..images import open_image
 from ..task import Task
 
 log = logging.getLogger(__name__)
 
 
-def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Image.Image]) -> dict:
+def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Path]) -> dict:
     """accuracy / macro-F1 / per-class P/R/F1 of `model` on `records` by label scoring (model left in eval mode).
 
     Also `loss`: the mean negative log-likelihood of the true label as the answer to the label
@@ -38,7 +39,8 @@ def label_metrics(model, processor, task: Task, records: Sequence[Record], image
     model.eval()
     clf = HFClassifier(model, processor, task)
     preds, nll = [], []
-    for record, img in zip(records, images):
+    for record, path in zip(records, images):
+        img = open_image(path)  # one at a time: a large val set is never all in memory
         t0 = time.perf_counter()
         scores = clf.label_logprobs(img)
         preds.append(prediction_from_scores(task.labels, scores, (time.perf_counter() - t0) * 1000))
@@ -60,7 +62,7 @@ def _wandb_confusion_matrix(cm: dict) -> None:
 class LabelEvalCallback(TrainerCallback):
     """Evaluate by label scoring every `eval_steps`; keep the best adapter in `best_dir`."""
 
-    def __init__(self, processor, task: Task, records: Sequence[Record], images: Sequence[Image.Image],
+    def __init__(self, processor, task: Task, records: Sequence[Record], images: Sequence[Path],
                  best_dir: Path, eval_steps: int, patience: int | None):
         self.processor, self.task, self.records, self.images = processor, task, records, images
         self.best_dir, self.eval_steps, self.patience = Path(best_dir), eval_steps, patience

@@ -52,8 +52,9 @@ class _Examples(torch.utils.data.Dataset):
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",)}
 
 
-def _setup_tracking(cfg: RunConfig, logs_dir: Path) -> list[str]:
-    """W&B by default, offline when there is no API key (sync later with `wandb sync`).
+def _setup_tracking(cfg: RunConfig, logs_dir: Path) -> tuple[list[str], str]:
+    """(report_to, how tracking runs): W&B by default, online when you are logged in (WANDB_API_KEY or
+    `wandb login`), offline otherwise (sync later with `wandb sync`).
 
     A tracker whose package is missing fails here, before the model loads, with the pip command.
     """
@@ -61,17 +62,43 @@ def _setup_tracking(cfg: RunConfig, logs_dir: Path) -> list[str]:
 
     tracker = cfg.train.report_to
     if tracker == "none":
-        return []
+        return [], "none"
     if not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[tracker]):
         raise ElementalError(f"--report_to {tracker} needs the {TRACKER_PACKAGES[tracker][0]} package: "
                              f"pip install {TRACKER_PACKAGES[tracker][0]} (or --report_to none)")
     if tracker != "wandb":
-        return [tracker]
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        return [tracker], tracker
+    login = wandb_login()
+    if "WANDB_MODE" in os.environ:
+        how = f"W&B {os.environ['WANDB_MODE']} (WANDB_MODE)"
+    elif login:
+        how = f"W&B online (logged in through {login})"
+    else:
         os.environ["WANDB_MODE"] = "offline"
+        how = f"W&B offline (no WANDB_API_KEY, no `wandb login`): wandb sync {logs_dir}/wandb/offline-run-*"
+    log.info("%s", how)
     os.environ.setdefault("WANDB_PROJECT", cfg.train.wandb_project)
     os.environ.setdefault("WANDB_DIR", str(logs_dir))
-    return ["wandb"]
+    return ["wandb"], how
+
+
+def wandb_login() -> str | None:
+    """Where W&B would find an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes; None if nowhere.
+
+    The key itself is never read into anything we log or save.
+    """
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"{path} ({host})" if entry and entry[2] else None
 
 
 def training_precision(want_bf16: bool, device: torch.device, cpu: CPU | None = None) -> tuple[bool, str]:
@@ -228,7 +255,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
     if tc.lora_targets is not None:
         lora_target_regex(tc.lora_targets)  # a bad target list fails before the model loads too
     logs_dir = out / "logs"
-    report_to = _setup_tracking(cfg, logs_dir)
+    report_to, tracking = _setup_tracking(cfg, logs_dir)
     set_seed(tc.seed)
     device = training_device()
     processor = load_processor(cfg.model.base_model, longest_edge=cfg.model.image_longest_edge)
@@ -271,7 +298,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
     )
     best_dir = out / "checkpoints" / "best_adapter"
     evaluator = LabelEvalCallback(
-        processor, task, val_records, [open_image(dataset_dir / r.image_path) for r in val_records],
+        processor, task, val_records, [dataset_dir / r.image_path for r in val_records],  # opened per evaluation
         best_dir, tc.eval_steps, tc.early_stopping_patience,
     )
     trainer = TrackedTrainer(
@@ -339,6 +366,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "device": str(device),
         "precision": "bf16" if args.bf16 else "fp32",
         "precision_reason": training_precision(tc.bf16, device)[1],
+        "tracking": tracking,
         "quantized_base": quantize,
         "reason_mode": tc.reason_mode,
         "final": str(out / "final") if (merged or tc.full_finetune) else None,
