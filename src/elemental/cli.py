@@ -85,6 +85,8 @@ def prepare(
                                                             "redirects reach loopback, private and link-local "
                                                             "addresses (refused by default).",
                                                             show_default=False)] = None,
+    max_pixels: Annotated[int | None, _opt("--max-pixels", help="Skip photos with more pixels to decode (100000000; "
+                                           "JPEGs are decoded at reduced scale first).")] = None,
     unsplash_api_url: Annotated[str | None, _opt("--unsplash-api-url", help="Unsplash API base URL.")] = None,
     openverse_api_url: Annotated[str | None, _opt("--openverse-api-url", help="Openverse API base URL.")] = None,
 ) -> None:
@@ -106,7 +108,7 @@ def prepare(
         "prepare.max_consecutive_failures": max_consecutive_failures, "prepare.retry_rejected": retry_rejected,
         "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
         "prepare.openverse_api_url": openverse_api_url, "prepare.hf_dataset": hf_dataset,
-        "prepare.allow_private_urls": allow_private_urls,
+        "prepare.allow_private_urls": allow_private_urls, "prepare.max_pixels": max_pixels,
     })
     stage_prepare(cfg, task)
 
