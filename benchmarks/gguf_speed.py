@@ -35,6 +35,14 @@ so (a) and (c) make those two calls themselves and time each. For (b), the class
 kept: while it classifies, `mtmd_helper_eval_chunk_single` is replaced by those same two timed calls and
 `llama_decode` by a timed pass-through; a check fails loudly if the classifier stops calling them.
 
+`--geometries` runs the geometry sweep instead (issue 14): for each model size (`--sizes`: the full-size
+random 500M, and a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M built by
+`synthetic.build_realistic_256m`) and each image size (`--edges` 512,384,256: 64, 36 and 16 image tokens),
+our classifier through the GGUF files (text Q8_0, mmproj F16) beside the seed recipe at the same model
+size and HF fp32 at the same geometry: encode, prefill, total per photo, file sizes and peak RSS in one
+table. Its targets: 500M ≤ 1.0 s at 384 px and ≤ 0.6 s at 256; 256M ≤ 0.8 s and ≤ 0.45 s; seed/ours ≥ 25×
+at 384 px (exit code 1 when one fails).
+
 Targets: (a)/(b) ≥ 12× (median over photos of (a)'s time / (b)'s median time for that photo) and
 (b)/(c) ≤ 1.10 (median over adjacent (b), (c) pairs of (b)'s call time / (c)'s encode + prefill), both
 judged for each mmproj type, on quiet calls only (below). Exit code 1 only when one of these fails;
@@ -563,12 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds over the photos for (b) and (c) (5)")
     ap.add_argument("--photos", type=int, default=len(PHOTOS), help=f"photos to use, 1..{len(PHOTOS)} ({len(PHOTOS)})")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--geometries", action="store_true",
+                    help="the geometry sweep instead: both model sizes at 512/384/256 px (see sweep())")
+    ap.add_argument("--edges", default="512,384,256", help="image sizes of the sweep (512,384,256)")
+    ap.add_argument("--sizes", default="500m,256m", help="model sizes of the sweep (500m,256m)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.threads < 1 or not 1 <= args.photos <= len(PHOTOS):
         ap.error(f"--rounds and --threads must be ≥ 1, --photos within 1..{len(PHOTOS)}")
 
     t_start = time.perf_counter()
     task = Task.from_config(TaskConfig())
+    if args.geometries:
+        return sweep(args, task, t_start)
     if not (args.model_dir / "config.json").is_file():
         print(f"building the full-size random SmolVLM2-500M in {args.model_dir} ...", flush=True)
         build_full_size_random_model(args.model_dir, task, seed=args.seed)
@@ -769,6 +783,153 @@ def report_files(files: Files) -> None:
     hashes = sorted({h[:12] for h in files.text_sha256.values()})
     print(f"  the exports' text GGUFs are {'byte-identical' if len(hashes) == 1 else 'DIFFERENT'} "
           f"(sha256 {', '.join(hashes)}…)")
+
+
+# -- the geometry sweep (issue 14): model sizes x image sizes, against the seed and HF fp32 -----------------
+
+# Per-photo targets through the GGUF files on 2 threads (seconds), and the ratio to the seed recipe at 384 px.
+SWEEP_TARGETS = {("500m", 384): 1.0, ("500m", 256): 0.6, ("256m", 384): 0.8, ("256m", 256): 0.45}
+SWEEP_SEED_RATIO = 25.0
+SWEEP_EDGE_FOR_RATIO = 384
+
+
+class HFRunner:
+    """The merged model through the `hf` backend in fp32, at the same geometry: what the desktop path is held to."""
+
+    def __init__(self, model_dir: Path, task: Task, threads: int):
+        import torch
+
+        from elemental.classify.hf import HFClassifier
+
+        torch.set_num_threads(threads)
+        self.clf = HFClassifier.from_path(model_dir, task, device="cpu")
+
+    def run(self, image: Image.Image, clock: Clock) -> Shape:
+        self.clf.classify(image)
+        n = self.clf.processor.image_seq_len
+        return Shape(1, n, n, 0)
+
+    def close(self) -> None:
+        del self.clf
+
+
+def sweep_models(args: argparse.Namespace, task: Task) -> dict[str, Path]:
+    """The model folders of the sweep: the full-size random 500M, and the 256M-shaped realistic model."""
+    from elemental.synthetic import build_realistic_256m
+
+    models = {}
+    for size in args.sizes.split(","):
+        if size == "500m":
+            if not (args.model_dir / "config.json").is_file():
+                print(f"building the full-size random SmolVLM2-500M in {args.model_dir} ...", flush=True)
+                build_full_size_random_model(args.model_dir, task, seed=args.seed)
+            models[size] = args.model_dir
+        elif size == "256m":
+            path = args.work_dir / "realistic-256m"
+            if not (path / "config.json").is_file():
+                print(f"building the SmolVLM2-256M-shaped model (real SmolLM2-135M) in {path} ...", flush=True)
+                build_realistic_256m(path, seed=args.seed)
+            models[size] = path
+        else:
+            raise SystemExit(f"--sizes: unknown size {size!r} (500m, 256m)")
+    return models
+
+
+def sweep_exports(model_dir: Path, root: Path, edges: list[int], task: Task) -> dict[int, tuple[Path, Path]]:
+    """{edge: (scratch model at that geometry, its export: text Q8_0 + mmproj F16)}, cached under `root`."""
+    from elemental.export.gguf import export_gguf
+    from elemental.model_io import apply_geometry, vision_geometry
+
+    out = {}
+    geometry = vision_geometry(model_dir)
+    for edge in edges:
+        model = scratch_model(model_dir, root / f"model-{edge}", lambda p, e=edge: apply_geometry(p, e, geometry))
+        folder = root / f"ours-{edge}"
+        if not (folder / "manifest.json").is_file():
+            print(f"exporting {folder} ...", flush=True)
+            export_gguf(model, folder, task, quants=(TEXT_TYPE,), mmproj_type="F16")
+        out[edge] = (model, folder)
+    return out
+
+
+def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
+    """Per photo through the GGUF files (our classifier) for each model size and image size, beside the seed
+    recipe at the same model size and HF fp32 at the same geometry; encode, prefill, total, file sizes and peak
+    RSS. Targets: SWEEP_TARGETS per (size, edge) and the seed ratio at 384 px."""
+    from elemental.export.convert import run_converter
+
+    edges = [int(e) for e in args.edges.split(",")]
+    models = sweep_models(args, task)
+    photos = {name: synthetic_photo(task.labels[i % len(task.labels)], np.random.default_rng(args.seed + i), size=size)
+              for i, (name, size) in enumerate(PHOTOS[:args.photos])}
+    specs: dict[str, Spec] = {}
+    runners: dict[str, Runner] = {}
+    meta: dict[str, dict] = {}
+    marker = mtmd_cpp.mtmd_default_marker().decode()
+    for size, model_dir in models.items():
+        root = args.work_dir / cache_key(model_dir)
+        exports = sweep_exports(model_dir, root, edges, task)
+        seed_model = scratch_model(model_dir, root / f"model-{SEED_EDGE}-tiles", seed_geometry)
+        seed_mmproj = root / f"mmproj-seed-{SEED_EDGE}-{SEED_MMPROJ_TYPE}.gguf"
+        if not seed_mmproj.is_file():
+            print(f"converting the seed's mmproj for {size} ...", flush=True)
+            partial = seed_mmproj.with_name(f".{seed_mmproj.name}.tmp")
+            run_converter(seed_model, partial, SEED_MMPROJ_TYPE, mmproj=True)
+            os.replace(partial, seed_mmproj)
+        text = next(exports[edges[0]][1].glob(f"*-{TEXT_TYPE}.gguf"))
+        seed = Spec(f"{size} seed", "seed", text, seed_mmproj, prompt=task.prompt("label", image=marker))
+        specs[seed.name], runners[seed.name] = seed, seed.open(args.threads)
+        for edge, (model, folder) in exports.items():
+            name = f"{size} {edge}px"
+            spec = Spec(name, "ours", text, next(folder.glob("mmproj-*.gguf")), folder=folder)
+            specs[name], runners[name] = spec, spec.open(args.threads)
+            runners[f"{name} HF fp32"] = HFRunner(model, task, args.threads)
+            meta[name] = {"size": size, "edge": edge, "text_mb": text.stat().st_size / MB,
+                          "mmproj_mb": spec.mmproj.stat().st_size / MB}
+    print(f"llama.cpp {llama_cpp.__version__}, {args.threads} threads; text {TEXT_TYPE}, mmproj F16; "
+          f"{len(photos)} phone photos; HF fp32 on {args.threads} torch threads", flush=True)
+    for name, runner in runners.items():
+        if "seed" not in name:
+            measure(runner, name, "warm-up", next(iter(photos.values())), -1)
+    samples: list[Sample] = []
+    for rnd in range(args.rounds):
+        for photo, image in photos.items():
+            for name, runner in runners.items():
+                if "seed" in name and rnd > 0:
+                    continue  # the seed costs tens of seconds a photo: once per photo
+                samples.append(measure(runner, name, photo, image, rnd))
+                log_sample(samples[-1])
+    for runner in runners.values():
+        runner.close()
+    rss = measure_rss({n: sp for n, sp in specs.items()}, list(photos)[-1], photos[list(photos)[-1]], args.threads)
+    med = {name: statistics.median(s.total for s in samples if s.variant == name) for name in runners}
+    enc = {name: statistics.median(s.clock.encode for s in samples if s.variant == name) for name in runners}
+    pre = {name: statistics.median(s.clock.prefill for s in samples if s.variant == name) for name in runners}
+    rows, checks = [], []
+    for name, m in meta.items():
+        size, edge = m["size"], m["edge"]
+        hf = med[f"{name} HF fp32"]
+        ratio = med[f"{size} seed"] / med[name]
+        rows.append((size, f"{edge}", f"{(edge // 16) ** 2 // 16}", f"{enc[name] * 1000:.0f}",
+                     f"{pre[name] * 1000:.0f}", f"{med[name] * 1000:.0f}", f"{hf * 1000:.0f}",
+                     f"{med[name] / hf:.2f}", f"{ratio:.1f}×", f"{m['text_mb']:.0f}", f"{m['mmproj_mb']:.0f}",
+                     f"{rss[name] / MiB:.0f}"))
+        target = SWEEP_TARGETS.get((size, edge))
+        if target is not None:
+            checks.append((f"{size} at {edge} px ≤ {target:g} s", med[name] <= target, f"{med[name]:.2f} s"))
+        if edge == SWEEP_EDGE_FOR_RATIO:
+            checks.append((f"{size} at {edge} px: seed / ours ≥ {SWEEP_SEED_RATIO:g}×", ratio >= SWEEP_SEED_RATIO,
+                           f"{ratio:.1f}×"))
+    print(f"\nper photo, medians over {args.rounds} rounds x {len(photos)} photos (the seed: once per photo: "
+          + ", ".join(f"{size} {med[f'{size} seed']:.1f} s" for size in models) + ")")
+    table(("size", "px", "tokens", "encode ms", "prefill ms", "GGUF ms", "HF fp32 ms", "GGUF/HF", "seed/GGUF",
+           "text MB", "mmproj MB", "peak RSS MiB"), rows)
+    print("\ntargets")
+    table(("target", "value", "result"), [(what, value, verdict(ok)) for what, ok, value in checks])
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    failed = [what for what, ok, _ in checks if not ok]
+    print(f"verdict: {'FAIL: ' + '; '.join(failed) if failed else 'PASS'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

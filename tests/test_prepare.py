@@ -240,8 +240,8 @@ def _labelled_items(per_label: int) -> list:
     from elemental.data.prepare import _Item
     from elemental.data.sources import Photo
 
-    return [_Item(Photo(b"", "local", f"{label}/{i}"), f"{label}{i:05d}", f"j{label}{i}", 1, 1, "0" * 16, "00" * 48,
-                  b"", element=label, confidence=0.9) for label in TASK.labels for i in range(per_label)]
+    return [_Item(Photo(b"", "local", f"{label}/{i}"), f"{label}{i:05d}", 1, 1, Path("."), element=label,
+                  confidence=0.9) for label in TASK.labels for i in range(per_label)]
 
 
 def test_per_class_target_is_not_capped_by_a_default_photo_count():

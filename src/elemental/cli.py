@@ -287,13 +287,13 @@ def evaluate(
     # Everything that can be wrong with the input is checked before a model loads.
     records = load_split(cfg.train.dataset_dir, split, task)
     base = baseline_model(path, lora_path, base_model, backend) if baseline else None
-    clf = open_classifier(path, task, backend, lora_path, cfg.model.image_longest_edge, quant)
+    clf = open_classifier(path, task, backend, lora_path, None, quant)  # at the geometry it was trained at
     default = "validation_results.json" if clf.backend == "hf" else f"validation_results_{clf.backend}.json"
     out = output_path or Path(default)
     results = evaluate_model(clf, cfg.train.dataset_dir, split, task, out, plot_cm, records=records)
     if base is not None:
         # The base sees the photo as the fine-tune did: a GGUF export's geometry is its manifest's.
-        longest = getattr(clf, "manifest", {}).get("image", {}).get("longest_edge", cfg.model.image_longest_edge)
+        longest = clf.manifest["image"]["longest_edge"] if clf.backend == "gguf" else clf.longest_edge
         base_results = evaluate_baseline(base, task, cfg.train.dataset_dir, split, baseline_results_path(out),
                                          plot_cm, int(longest), records=records)
         print(f"\nzero-shot base {base} vs fine-tuned {path} ({clf.backend}), {results['n']} photos:")
@@ -370,7 +370,7 @@ def classify(
     cfg, task = _load(config, {})
     paths = _photo_paths(photos)
     clf = open_classifier(model_path, evaluation_task(model_path, task, backend, lora_path), backend, lora_path,
-                          cfg.model.image_longest_edge, quant)
+                          None, quant)  # at the geometry the model was trained at
     for p in paths:
         pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
         print(json.dumps({"path": str(p), "label": pred.label, "top_k": pred.top_k(top_k),

@@ -7,6 +7,7 @@ tiling, so a photo is `image_seq_len` (64) image tokens and one vision-encoder p
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,12 +33,62 @@ def check_smolvlm_dir(path: str | Path) -> None:
         raise ElementalError(f"{p} is not a SmolVLM model (config.json model_type={model_type!r})")
 
 
-def apply_geometry(processor, longest_edge: int):
-    """One `longest_edge` image per photo, no tiles: what training, merge, export and the phone share."""
+DEFAULT_LONGEST_EDGE = 512  # the vision tower's own tile: 64 image tokens
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What the vision tower fixes: its tile (position table side x patch), patch size and pixel-shuffle factor."""
+
+    image_size: int = 512
+    patch_size: int = 16
+    scale_factor: int = 4
+
+    @property
+    def unit(self) -> int:
+        """Photo sides must be a multiple of this: whole patches that pixel-shuffle into whole tokens."""
+        return self.patch_size * self.scale_factor
+
+    def tokens(self, longest_edge: int) -> int:
+        """Image tokens of one `longest_edge`-px image: (side / patch)^2 patches, shuffled by scale^2."""
+        return (longest_edge // self.patch_size) ** 2 // self.scale_factor**2
+
+    def check(self, longest_edge: int, where: str = "image_longest_edge") -> None:
+        if longest_edge % self.unit or not self.unit <= longest_edge <= self.image_size:
+            sizes = ", ".join(str(e) for e in range(self.image_size, self.unit - 1, -self.unit)[:6])
+            raise ElementalError(
+                f"{where} {longest_edge}: must be a multiple of {self.unit} (patch {self.patch_size} x pixel "
+                f"shuffle {self.scale_factor}) from {self.unit} to the vision tower's {self.image_size}, e.g. {sizes}")
+
+
+def vision_geometry(model: str | Path) -> VisionGeometry:
+    """The vision tower's geometry from a model folder's config.json (or a hub id's config)."""
+    p = Path(model)
+    if (p / "config.json").is_file():
+        config = json.loads((p / "config.json").read_text())
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model)).to_dict()
+    vision = config.get("vision_config") or {}
+    return VisionGeometry(int(vision.get("image_size", 512)), int(vision.get("patch_size", 16)),
+                          int(config.get("scale_factor", 4)))
+
+
+def apply_geometry(processor, longest_edge: int, geometry: VisionGeometry | None = None):
+    """One `longest_edge` image per photo, no tiles: what training, merge, export and the phone share.
+
+    512 px (the tower's own tile) is 64 image tokens; 384 is 36 and 256 is 16, one encoder pass over
+    fewer patches. The vision embeddings map a smaller patch grid onto the tower's 32x32 position table
+    by bucketing, so any multiple of patch x pixel shuffle up to the tile works unchanged in HF.
+    """
+    geometry = geometry or VisionGeometry()
+    geometry.check(longest_edge)
     ip = processor.image_processor
     ip.size = {"longest_edge": longest_edge}
     ip.max_image_size = {"longest_edge": longest_edge}
     ip.do_image_splitting = False
+    processor.image_seq_len = geometry.tokens(longest_edge)
     return processor
 
 
@@ -52,7 +103,7 @@ def load_processor(path: str | Path, longest_edge: int | None = None):
         check_smolvlm_dir(path)
     processor = AutoProcessor.from_pretrained(str(path))
     if longest_edge is not None:
-        apply_geometry(processor, longest_edge)
+        apply_geometry(processor, longest_edge, vision_geometry(path))
     return processor
 
 

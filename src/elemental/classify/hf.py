@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..fileio import sha256_file
 from ..images import model_input
-from ..model_io import load_model, load_processor, pick_device
+from ..model_io import DEFAULT_LONGEST_EDGE, apply_geometry, load_model, load_processor, pick_device, vision_geometry
 from ..task import Task
 from .base import Prediction, prediction_from_scores
 
@@ -39,10 +39,14 @@ class HFClassifier:
         model_path: Path | str,
         task: Task,
         lora_path: Path | str | None = None,
-        longest_edge: int = 512,
+        longest_edge: int | None = None,
         device: str | None = None,
     ) -> HFClassifier:
-        """Load a merged model, or a base model plus a PEFT adapter, with the one-tile geometry."""
+        """Load a merged model, or a base model plus a PEFT adapter, with the one-tile geometry.
+
+        `longest_edge` None: the geometry the model was trained at, from the processor saved with it
+        (merge and train save it), or 512 for a base model whose processor still tiles.
+        """
         dev = pick_device(device)
         model = load_model(model_path, device=dev)
         files = _weight_files(Path(model_path))
@@ -51,8 +55,18 @@ class HFClassifier:
 
             model = PeftModel.from_pretrained(model, str(lora_path)).to(dev).eval()
             files.update(_weight_files(Path(lora_path)))
-        processor = load_processor(model_path, longest_edge=longest_edge)
+        saved = Path(lora_path) if lora_path is not None and (Path(lora_path) / "processor_config.json").is_file() \
+            else model_path
+        processor = load_processor(saved)
+        if longest_edge is None and processor.image_processor.do_image_splitting:
+            longest_edge = DEFAULT_LONGEST_EDGE
+        if longest_edge is not None:
+            apply_geometry(processor, longest_edge, vision_geometry(model_path))
         return cls(model, processor, task, files)
+
+    @property
+    def longest_edge(self) -> int:
+        return int(self.processor.image_processor.size["longest_edge"])
 
     def model_files(self) -> dict[str, str]:
         return dict(self._files)

@@ -12,6 +12,7 @@ leaves the previous dataset (or nothing), never a mix.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,7 +39,6 @@ from ..images import (
     colour_distance,
     colour_signature,
     encode_jpeg,
-    hamming,
     open_image_bytes,
     perceptual_hash,
 )
@@ -60,13 +60,8 @@ DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")
 
 
 @dataclass
-class _Item:
-    """A decoded photo waiting for (or holding) its label.
-
-    Only hashes, sizes and a small thumbnail stay in memory: the normalised JPEG is written to the
-    staging folder as soon as the photo is admitted (`stage`) and the original bytes are let go, so
-    memory does not grow with the number of photos.
-    """
+class _Decoded:
+    """What decoding a photo gives (in a worker thread): the normalised JPEG, its hashes, a thumbnail."""
 
     photo: Photo
     sha256: str
@@ -75,29 +70,48 @@ class _Item:
     height: int
     phash: str
     colour: str
-    thumb: bytes | Path  # for report.html, made while the decoded photo is at hand (a file once staged)
-    jpeg_bytes: bytes | None = None  # until staged
-    jpeg_path: Path | None = None
+    jpeg: bytes
+    thumb: bytes
+
+
+@dataclass(slots=True)
+class _Item:
+    """An admitted photo waiting for (or holding) its label: a few hundred bytes, whatever the photo's size.
+
+    Its normalised JPEG and thumbnail wait on disk in the staging folder (named by the sha256), and the
+    original bytes are gone, so memory grows only by this record per photo (benchmarks/memory.py).
+    """
+
+    photo: Photo
+    sha256: str
+    width: int
+    height: int
+    staging: Path  # shared by every item
     element: str | None = None
     reason: str = ""
     confidence: float = 0.0
     labeler: str = FOLDER_LABELER
 
-    def stage(self, folder: Path) -> None:
-        """Write the normalised JPEG and the thumbnail to `folder` and keep only their paths; the original
-        bytes are dropped."""
-        self.jpeg_path = folder / f"{self.sha256}.jpg"
-        self.jpeg_path.write_bytes(self.jpeg_bytes or b"")
-        if isinstance(self.thumb, bytes):
-            thumb = folder / f"{self.sha256}.thumb.jpg"
-            thumb.write_bytes(self.thumb)
-            self.thumb = thumb
-        self.jpeg_bytes = None
-        self.photo.data = b""
+    @classmethod
+    def staged(cls, d: _Decoded, staging: Path) -> _Item:
+        """Write `d`'s JPEG and thumbnail to `staging`; the item keeps only what selection and records need."""
+        (staging / f"{d.sha256}.jpg").write_bytes(d.jpeg)
+        (staging / f"{d.sha256}.thumb.jpg").write_bytes(d.thumb)
+        photo = d.photo
+        photo.data, photo.location = b"", None  # the location was for decode errors only
+        return cls(photo, d.sha256, d.width, d.height, staging)
+
+    @property
+    def jpeg_path(self) -> Path:
+        return self.staging / f"{self.sha256}.jpg"
+
+    @property
+    def thumb(self) -> Path:
+        return self.staging / f"{self.sha256}.thumb.jpg"
 
     @property
     def jpeg(self) -> bytes:
-        return self.jpeg_bytes if self.jpeg_bytes is not None else self.jpeg_path.read_bytes()
+        return self.jpeg_path.read_bytes()
 
     def record(self) -> Record:
         image_id = self.sha256[:ID_LENGTH]
@@ -139,31 +153,41 @@ class _Dedup:
 
     A near duplicate has nearly the same structure (perceptual hash within `max_distance` bits) and
     nearly the same colours (`images.colour_distance`): the hash alone calls every flat picture the same,
-    a blue sky and a night sky included. Each kept photo is remembered, so a dropped duplicate names the
-    twin that was kept.
+    a blue sky and a night sky included. Each kept photo is remembered (compactly: digests as bytes), so
+    a dropped duplicate names the twin that was kept.
     """
 
     def __init__(self, max_distance: int):
         self.max_distance = max_distance
-        self.owners: dict[str, Photo] = {}
-        self.looks: list[tuple[str, str, Photo]] = []
+        self.owners: dict[bytes, Photo] = {}
+        self.looks: list[tuple[int, str, Photo]] = []
 
     def check(self, *shas: str, phash: str | None = None, colour: str | None = None) -> tuple[str, Photo] | None:
         """(why, the kept twin) when the photo with these hashes is a duplicate, else None."""
         for sha in shas:
-            if sha in self.owners:
-                return "duplicate", self.owners[sha]
+            owner = self.owners.get(_digest(sha))
+            if owner is not None:
+                return "duplicate", owner
         if phash is not None and colour is not None and self.max_distance > 0:
-            for kept_phash, kept_colour, owner in self.looks:
-                if (hamming(phash, kept_phash) <= self.max_distance
+            bits = int(phash, 16)
+            for kept_bits, kept_colour, owner in self.looks:
+                if ((bits ^ kept_bits).bit_count() <= self.max_distance
                         and colour_distance(colour, kept_colour) <= NEAR_DUPLICATE_COLOUR):
                     return "near_duplicate", owner
         return None
 
     def add(self, *shas: str, phash: str, colour: str, photo: Photo) -> None:
         for sha in shas:
-            self.owners.setdefault(sha, photo)
-        self.looks.append((phash, colour, photo))
+            self.owners.setdefault(_digest(sha), photo)
+        self.looks.append((int(phash, 16), colour, photo))
+
+
+def _digest(sha: str) -> bytes:
+    """A hex digest as its bytes (half the memory of the string); any other id as UTF-8."""
+    try:
+        return bytes.fromhex(sha)
+    except ValueError:
+        return sha.encode()
 
 
 @dataclass(frozen=True)
@@ -172,18 +196,18 @@ class _Unreadable:
     error: ElementalError
 
 
-def _decode(photo: Photo, max_pixels: int) -> _Item | _Unreadable:
+def _decode(photo: Photo, max_pixels: int) -> _Decoded | _Unreadable:
     """The CPU-heavy part of ingesting (decode, resize, JPEG, hashes); runs in worker threads."""
     try:
         img = bounded(open_image_bytes(photo.data, photo.name, max_side=MAX_SIDE, max_pixels=max_pixels), MAX_SIDE)
     except ElementalError as e:
         return _Unreadable(photo, e)
     jpeg = encode_jpeg(img)
-    return _Item(photo, hashlib.sha256(photo.data).hexdigest(), hashlib.sha256(jpeg).hexdigest(), img.width,
-                 img.height, perceptual_hash(img), colour_signature(img), thumbnail(img), jpeg_bytes=jpeg)
+    return _Decoded(photo, hashlib.sha256(photo.data).hexdigest(), hashlib.sha256(jpeg).hexdigest(), img.width,
+                    img.height, perceptual_hash(img), colour_signature(img), jpeg, thumbnail(img))
 
 
-def _decoded(photos: Iterator[Photo], workers: int, max_pixels: int) -> Iterator[_Item | _Unreadable]:
+def _decoded(photos: Iterator[Photo], workers: int, max_pixels: int) -> Iterator[_Decoded | _Unreadable]:
     """`_decode` over `photos` in a thread pool (Pillow releases the GIL), in order, a bounded window ahead."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         window: deque[Future] = deque()
@@ -195,30 +219,36 @@ def _decoded(photos: Iterator[Photo], workers: int, max_pixels: int) -> Iterator
             yield window.popleft().result()
 
 
-def _admit(item: _Item | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task, staging: Path) -> _Item | None:
-    """De-duplicate one decoded photo, take its known label and stage it; None (reason tallied) when dropped."""
-    if isinstance(item, _Unreadable):
-        item.photo.data = b""
-        tally.reject(item.photo.source, item.photo.source_id, "unreadable", str(item.error))
-        log.warning("%s", item.error)
+def _admit(d: _Decoded | _Unreadable, dedup: _Dedup, tally: _Tally, task: Task, staging: Path) -> _Item | None:
+    """De-duplicate one decoded photo, stage it and take its known label; None (reason tallied) when dropped."""
+    if isinstance(d, _Unreadable):
+        d.photo.data = b""
+        tally.reject(d.photo.source, d.photo.source_id, "unreadable", str(d.error))
+        log.warning("%s", d.error)
         return None
-    found = dedup.check(item.sha256, item.jpeg_sha256, phash=item.phash, colour=item.colour)
+    found = dedup.check(d.sha256, d.jpeg_sha256, phash=d.phash, colour=d.colour)
     if found:
         why, twin = found
         tally.drop(why)
-        tally.duplicates.append({"source": item.photo.source, "source_id": item.photo.source_id, "why": why,
+        tally.duplicates.append({"source": d.photo.source, "source_id": d.photo.source_id, "why": why,
                                  "duplicate_of": {"source": twin.source, "source_id": twin.source_id}})
         return None
-    dedup.add(item.sha256, item.jpeg_sha256, phash=item.phash, colour=item.colour, photo=item.photo)
-    item.stage(staging)
+    dedup.add(d.sha256, d.jpeg_sha256, phash=d.phash, colour=d.colour, photo=d.photo)
+    item = _Item.staged(d, staging)
     photo = item.photo
     if photo.label is not None:
         task.check_label(photo.label)
         item.element = photo.label
-        item.reason = photo.reason or FOLDER_REASON.format(label=photo.label)
+        item.reason = photo.reason or _folder_reason(photo.label)
         item.confidence = 1.0 if photo.confidence is None else photo.confidence
         item.labeler = "imported" if photo.reason else FOLDER_LABELER
     return item
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_reason(label: str) -> str:
+    """One string per label, shared by all its photos (it is the same sentence for each)."""
+    return FOLDER_REASON.format(label=label)
 
 
 class _Labeler:

@@ -83,7 +83,7 @@ MAX_RETRY_AFTER_S = 30.0  # a longer Retry-After stops the source cleanly instea
 SourceName = Literal["local", "url", "unsplash", "openverse"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Photo:
     """One photo from a source, its bytes already fetched (decoding happens in prepare)."""
 

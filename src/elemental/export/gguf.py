@@ -11,6 +11,8 @@ the labels exactly as HF does, so a wrong tokenizer conversion fails here, not s
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from ..classify.llama_runtime import gguf_vocab, runtime_versions, tokenize
 from ..errors import ElementalError
 from ..fileio import atomic_dir, read_json, sha256_file, write_json_atomic
 from ..images import PHOTO_MAX_SIDE
-from ..model_io import check_smolvlm_dir, load_processor
+from ..model_io import check_smolvlm_dir, load_processor, vision_geometry
 from ..task import END_OF_UTTERANCE, IMAGE_TOKEN, Task
 from .convert import (
     MMPROJ_TYPES,
@@ -53,7 +55,9 @@ def export_gguf(
     first_token = task.first_tokens_unique(processor.tokenizer)
     with atomic_dir(Path(out_dir)) as tmp:
         text = convert_text(model_dir, {q: tmp / f"{name}-{q}.gguf" for q in quants})
-        mmproj = convert_mmproj(model_dir, tmp / f"mmproj-{name}-{mmproj_type}.gguf", mmproj_type)
+        with tempfile.TemporaryDirectory(prefix=".mmproj-src-", dir=tmp) as scratch:
+            source = mmproj_source(model_dir, image["longest_edge"], Path(scratch))
+            mmproj = convert_mmproj(source, tmp / f"mmproj-{name}-{mmproj_type}.gguf", mmproj_type)
         expected = {"prompt_prefix": prefix, "prompt_suffix": suffix,
                     **{f"label {lab!r}": f" {lab}" for lab in task.labels}}
         ids = _same_tokens_as_hf(text[quants[0]], processor.tokenizer, expected)
@@ -108,24 +112,31 @@ def _check_request(model_dir: Path, name: str, quants: Sequence[str], mmproj_typ
 
 
 def image_geometry(model_dir: Path, processor) -> dict:
-    """The one-tile geometry the processor carries; anything llama.cpp's overview can't reproduce is refused.
+    """The one-image geometry the processor carries; anything llama.cpp's overview can't reproduce is refused.
 
-    libmtmd resizes the overview to the vision encoder's tile size, so HF must feed exactly one image of
-    that size: no splitting, and longest edge == max image size == the encoder's image size.
+    libmtmd resizes the overview to the mmproj's image size, so HF must feed exactly one image of that
+    size: no splitting, longest edge == max image size, a multiple of patch x pixel shuffle up to the
+    tower's tile (512: 64 tokens, 384: 36, 256: 16). Below the tile, `mmproj_source` gives the mmproj
+    HF's position rows for that grid.
     """
     ip = processor.image_processor
-    vision = json.loads((model_dir / "config.json").read_text()).get("vision_config", {})
-    tile = int(vision.get("image_size", 512))
+    geometry = vision_geometry(model_dir)
     longest = (ip.size or {}).get("longest_edge")
     max_edge = (ip.max_image_size or {}).get("longest_edge")
-    if ip.do_image_splitting or longest != tile or max_edge != tile:
+    if ip.do_image_splitting or longest != max_edge or not isinstance(longest, int):
         raise ElementalError(
             f"{model_dir}: processor geometry (longest_edge={longest}, max_image_size={max_edge}, "
-            f"do_image_splitting={ip.do_image_splitting}) is not one {tile}-px image; save the processor "
-            f"after model_io.apply_geometry(processor, {tile}) (merge does)")
+            f"do_image_splitting={ip.do_image_splitting}) is not one image per photo; save the processor "
+            f"after model_io.apply_geometry(processor, EDGE) (train and merge do)")
+    geometry.check(longest, f"{model_dir}: processor longest_edge")
+    if processor.image_seq_len != geometry.tokens(longest):
+        raise ElementalError(f"{model_dir}: processor image_seq_len {processor.image_seq_len} is not the "
+                             f"{geometry.tokens(longest)} tokens of a {longest}-px image")
+    tile = longest  # the mmproj's image size: libmtmd resizes the overview to it
     return {
         "longest_edge": longest,
         "tile_size": tile,
+        "encoder_patches": (longest // geometry.patch_size) ** 2,
         "image_seq_len": processor.image_seq_len,
         "n_image_tokens": processor.image_seq_len,
         "image_mean": list(ip.image_mean),
@@ -138,6 +149,55 @@ def image_geometry(model_dir: Path, processor) -> dict:
                  "only the overview (global) image chunk, between prompt_prefix and prompt_suffix; that is "
                  "HF's single-image layout."),
     }
+
+
+POSITION_EMBEDDING = "model.vision_model.embeddings.position_embedding.weight"
+
+
+def position_rows(table_side: int, grid: int) -> list[int]:
+    """The rows of a `table_side`^2 position table that HF's SmolVLM vision embeddings use for a `grid`^2 patch grid.
+
+    HF maps each patch's fractional coordinate onto the table by `torch.bucketize` (SmolVLMVisionEmbeddings);
+    computed here with the same float32 torch operations, so the rows are exactly HF's.
+    """
+    import torch
+
+    boundaries = torch.arange(1 / table_side, 1.0, 1 / table_side)
+    step = 1.0 / torch.tensor([grid])
+    coords = torch.clamp(torch.arange(grid, dtype=torch.float32) * step, max=1.0 - 1e-6)
+    buckets = torch.bucketize(coords, boundaries, right=True)
+    return (buckets[:, None] * table_side + buckets[None, :]).flatten().tolist()
+
+
+def mmproj_source(model_dir: Path, longest_edge: int, scratch: Path) -> Path:
+    """The folder to convert the mmproj from: `model_dir` itself at the tower's own tile size, else a copy
+    whose vision tower says `longest_edge` and whose position table is the rows HF uses for that grid.
+
+    llama.cpp adds an SmolVLM mmproj's position table to the patches as it is, one row per patch of its
+    `image_size`; HF picks rows of the 32x32 table by bucketing. Writing HF's rows makes stock llama.cpp
+    compute what HF computes at 384 or 256 px (tested), with no change to llama.cpp.
+    """
+    geometry = vision_geometry(model_dir)
+    if longest_edge == geometry.image_size:
+        return model_dir
+    from safetensors.torch import load_file, save_file
+
+    side = geometry.image_size // geometry.patch_size
+    rows = position_rows(side, longest_edge // geometry.patch_size)
+    tensors = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    if POSITION_EMBEDDING not in tensors:
+        raise ElementalError(f"{model_dir}: no {POSITION_EMBEDDING} in its weights (not a SmolVLM?)")
+    tensors[POSITION_EMBEDDING] = tensors[POSITION_EMBEDDING][rows].contiguous()
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, scratch / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vision_config"]["image_size"] = longest_edge
+    (scratch / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, scratch / "model.safetensors", metadata={"format": "pt"})
+    return scratch
 
 
 def prompt_around_image(task: Task, processor) -> tuple[str, str]:
