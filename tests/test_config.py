@@ -61,3 +61,11 @@ def test_bad_override_names_the_flag_key():
 def test_missing_config_file():
     with pytest.raises(ElementalError, match="config file not found"):
         load_config(Path("/nonexistent/x.toml"))
+
+
+def test_smolvlm2_256m_preset():
+    cfg = load_config(ROOT / "configs/smolvlm2-256m.toml")
+    assert cfg.model.base_model == "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+    assert cfg.model.image_longest_edge == 384 and cfg.export.name == "SmolVLM2-256M-Element"
+    default = load_config(ROOT / "configs/default.toml")
+    assert cfg.model_copy(update={"model": default.model, "export": default.export, "train": default.train}) == default
