@@ -118,3 +118,54 @@ def test_bf16_on_a_cpu_follows_its_native_bf16():
     assert not bf16 and "no native bf16" in why and "5x slower" in why
     assert training_precision(False, cpu, xeon)[0] is False  # never without --bf16
     assert training_precision(True, cpu)[0] is this_cpu().native_bf16  # this machine, read from the kernel
+
+
+def test_resume_takes_the_newest_checkpoint_every_rank_finished(tmp_path):
+    from elemental.train.recipe import _last_checkpoint
+
+    def ckpt(step, *files):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in files:
+            (d / f).write_bytes(b"x")
+
+    ckpt(10, "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth")
+    ckpt(20, "trainer_state.json", "rng_state_0.pth")  # killed before rank 1 saved its RNG state
+    ckpt(30, "rng_state_0.pth", "rng_state_1.pth")  # killed before rank 0 saved the trainer state
+    (tmp_path / "best_adapter").mkdir()
+    assert _last_checkpoint(tmp_path, world=2) == str(tmp_path / "checkpoint-10")
+    assert _last_checkpoint(tmp_path, world=1) is None  # a 1-process run saves rng_state.pth
+    ckpt(5, "trainer_state.json", "rng_state.pth")
+    assert _last_checkpoint(tmp_path, world=1) == str(tmp_path / "checkpoint-5")
+    assert _last_checkpoint(tmp_path / "none", world=2) is None
+
+
+def test_process_role_refuses_a_trainer_that_does_not_see_the_process_group():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from elemental.errors import ElementalError
+    from elemental.train.recipe import process_role
+
+    assert process_role(SimpleNamespace(process_index=0, world_size=1)) == (0, 1)
+    with pytest.raises(ElementalError, match="expects 2 processes"):
+        process_role(SimpleNamespace(process_index=1, world_size=2))  # no process group in this test process
+
+
+def test_process_role_refuses_a_trainer_that_disagrees_with_torch_distributed():
+    from types import SimpleNamespace
+
+    import pytest
+    import torch.distributed as dist
+
+    from elemental.errors import ElementalError
+    from elemental.train.recipe import process_role
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ElementalError, match="torch.distributed says process 0 of 1 but the Trainer says 1 of 2"):
+            process_role(SimpleNamespace(process_index=1, world_size=2))
+        assert process_role(SimpleNamespace(process_index=0, world_size=1)) == (0, 1)
+    finally:
+        dist.destroy_process_group()

@@ -336,8 +336,9 @@ def build_realistic_256m(out_dir: Path, gguf: Path | None = None, seed: int = 0)
     tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIALS})
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", "<end_of_utterance>", "<|im_end|>"
     text = {k: getattr(lm.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                                                "rope_theta")}
+                                                "num_attention_heads", "num_key_value_heads",
+                                                "max_position_embeddings")}
+    text["rope_theta"] = lm.config.rope_parameters["rope_theta"]  # transformers 5 keeps it in rope_parameters
     text["head_dim"] = lm.config.hidden_size // lm.config.num_attention_heads
     text["vocab_size"] = len(tokenizer)
     spec = dict(vision=SMOLVLM2_256M_VISION, text=text, scale_factor=4)

@@ -29,22 +29,32 @@ from ..task import Task
 log = logging.getLogger(__name__)
 
 
-def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Path]) -> dict:
+def label_metrics(model, processor, task: Task, records: Sequence[Record], images: Sequence[Path],
+                  rank: int = 0, world: int = 1) -> dict:
     """accuracy / macro-F1 / per-class P/R/F1 of `model` on `records` by label scoring (model left in eval mode).
 
     Also `loss`: the mean negative log-likelihood of the true label as the answer to the label
     prompt (over the whole vocabulary, not just the labels), the val counterpart of the training
     loss on label examples.
+
+    With `world` data-parallel processes each scores every world-th photo from `rank` on and the
+    scores are gathered, so every rank returns the same whole-set results (and takes the same
+    early-stopping decision) in 1/world of the time.
     """
     model.eval()
     clf = HFClassifier(model, processor, task)
-    preds, nll = [], []
-    for record, path in zip(records, images):
-        img = open_image(path)  # one at a time: a large val set is never all in memory
+    mine = []
+    for i in range(rank, len(records), world):
+        img = open_image(images[i])  # one at a time: a large val set is never all in memory
         t0 = time.perf_counter()
         scores = clf.label_logprobs(img)
-        preds.append(prediction_from_scores(task.labels, scores, (time.perf_counter() - t0) * 1000))
-        nll.append(-scores[task.labels.index(record.element)])
+        pred = prediction_from_scores(task.labels, scores, (time.perf_counter() - t0) * 1000)
+        mine.append((i, pred, -scores[task.labels.index(records[i].element)]))
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = sorted((item for part in gathered for item in part), key=lambda item: item[0])
+    preds, nll = [p for _, p, _ in mine], [n for _, _, n in mine]
     results = evaluate_predictions(list(records), preds, task.labels, "hf", {})
     results["loss"] = sum(nll) / len(nll)
     return results
@@ -74,7 +84,8 @@ class LabelEvalCallback(TrainerCallback):
         self.log_fn: Callable[[dict[str, float]], None] | None = None  # Trainer.log: reaches W&B and the console
 
     def _evaluate(self, args, state, control, model) -> None:
-        results = label_metrics(model, self.processor, self.task, self.records, self.images)
+        results = label_metrics(model, self.processor, self.task, self.records, self.images,
+                                args.process_index, args.world_size)
         model.train()
         # "eval_" keys: transformers' trackers file them under eval/ (W&B: eval/accuracy, the sweep metric).
         logs = {"eval_loss": results["loss"], "eval_accuracy": results["accuracy"],
@@ -92,7 +103,7 @@ class LabelEvalCallback(TrainerCallback):
             _wandb_confusion_matrix(results["confusion_matrix"])
         if results["accuracy"] > self.best_accuracy:
             self.best_accuracy, self.best_step, self._since_best = results["accuracy"], state.global_step, 0
-            if state.is_world_process_zero:  # every rank scores the same model alike; one of them writes
+            if state.is_world_process_zero:  # every rank holds the same gathered results; rank 0 writes
                 model.save_pretrained(self.best_dir)
         else:
             self._since_best += 1

@@ -130,8 +130,10 @@ def _training_dtype_flags(cfg: RunConfig, device: torch.device) -> dict[str, boo
     bf16, why = training_precision(cfg.train.bf16, device)
     if cfg.train.bf16:
         (log.info if bf16 else log.warning)("--bf16: training in %s", why)
-    # transformers refuses bf16 without a GPU unless told the CPU is meant (it then autocasts on the CPU).
-    return {"bf16": bf16, "use_cpu": bf16 and device.type == "cpu"}
+    # On a CPU the Trainer must be told so: it then autocasts bf16 on the CPU, and under torchrun /
+    # `accelerate launch` it joins the gloo process group (without use_cpu it sees world size 1 and
+    # every process trains on all the data).
+    return {"bf16": bf16, "use_cpu": device.type == "cpu"}
 
 
 def training_device() -> torch.device:
@@ -231,16 +233,46 @@ class TrackedTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    """The newest `checkpoint-N` folder (None: nothing to resume, start from scratch)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def process_role(args) -> tuple[int, int]:
+    """(this process's rank, number of processes): the one answer every write in training goes by.
 
-    if not folder.is_dir():
+    It is the Trainer's (accelerate's) view, checked against torch.distributed, because they have
+    disagreed before: a CPU run under torchrun without `use_cpu` had a world-size-2 process group while
+    the Trainer saw one process, so both ranks trained on all the data and both wrote `final/`.
+    """
+    import torch.distributed as dist
+
+    rank, world = args.process_index, args.world_size
+    if dist.is_available() and dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+            raise ElementalError(
+                f"torch.distributed says process {dist.get_rank()} of {dist.get_world_size()} but the Trainer "
+                f"says {rank} of {world}: launch with `torchrun --nproc_per_node N -m elemental train ...` or "
+                "`accelerate launch --config_file configs/accelerate/...yaml -m elemental train ...`")
+    elif world > 1:
+        raise ElementalError(f"the Trainer expects {world} processes but torch.distributed is not initialized")
+    return rank, world
+
+
+def _last_checkpoint(folder: Path, world: int = 1) -> str | None:
+    """The newest complete `checkpoint-N` folder (None: nothing to resume, start from scratch).
+
+    The Trainer writes a checkpoint in place: weights, optimizer, then each rank its RNG state, then
+    rank 0 `trainer_state.json`. A kill in between leaves a newer folder that cannot be resumed
+    exactly, so only folders holding the trainer state and every rank's RNG state count.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    rng = ["rng_state.pth"] if world == 1 else [f"rng_state_{i}.pth" for i in range(world)]
+    found = []
+    for ckpt in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        step = ckpt.name.rsplit("-", 1)[1]
+        if step.isdigit() and all((ckpt / name).is_file() for name in ["trainer_state.json", *rng]):
+            found.append((int(step), ckpt))
+    if not found:
+        log.warning("--resume: no complete checkpoint for %d process(es) in %s, starting from scratch", world, folder)
         return None
-    last = get_last_checkpoint(str(folder))
-    if last is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", folder)
-    return last
+    return str(max(found)[1])
 
 
 def train(cfg: RunConfig, task: Task) -> dict:
@@ -270,7 +302,6 @@ def train(cfg: RunConfig, task: Task) -> dict:
     examples = build_examples(
         train_records, task, tc.reason_mode, tc.rationale_ratio, tc.context_dropout, tc.seed
     )
-    logs_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=tc.batch_size,
@@ -296,6 +327,12 @@ def train(cfg: RunConfig, task: Task) -> dict:
         disable_tqdm=False,
         **_training_dtype_flags(cfg, device),
     )
+    rank, world = process_role(args)
+    if rank == 0:  # every other rank writes nothing of ours (the Trainer adds its RNG state to checkpoints)
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        log.info("process %d of %d (%s): %d examples per epoch each, per-device batch %d", rank, world,
+                 args.parallel_mode.value, -(-len(examples) // world), tc.batch_size)
     best_dir = out / "checkpoints" / "best_adapter"
     evaluator = LabelEvalCallback(
         processor, task, val_records, [dataset_dir / r.image_path for r in val_records],  # opened per evaluation
@@ -308,11 +345,11 @@ def train(cfg: RunConfig, task: Task) -> dict:
     )
     evaluator.log_fn = trainer.log
     t0 = time.time()
-    resumed_from = _last_checkpoint(out / "checkpoints") if tc.resume else None
+    resumed_from = _last_checkpoint(out / "checkpoints", world) if tc.resume else None
     result = trainer.train(resume_from_checkpoint=resumed_from)
     train_seconds = time.time() - t0
-    if not trainer.is_world_process_zero():
-        return {}  # multi-GPU: the other ranks are done; rank 0 writes the outputs and merges
+    if rank != 0:
+        return {}  # data-parallel: the other ranks are done; rank 0 writes the outputs and merges
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
 
     if tc.full_finetune:
@@ -357,6 +394,8 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "n_train_examples": len(examples),
         "n_val": len(val_records),
         "steps": state.global_step,
+        "processes": world,  # data-parallel processes; each ran `steps` optimizer steps on 1/processes of the data
+        "per_device_batch_size": tc.batch_size,
         "resumed_from": resumed_from,
         "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(state.num_input_tokens_seen / max(train_seconds, 1e-9), 1),
