@@ -5,13 +5,15 @@ Run:  .venv/bin/python benchmarks/llama_cpu.py [--model-dir /tmp/full500m] [--wo
                                                [--rounds 3] [--photos 3]
 
 On the full-size random-weight SmolVLM2-500M (`elemental.synthetic.build_full_size_random_model`),
-exported by `export_gguf` twice (text Q8_0 + Q4_K_M with mmproj F16, and text Q8_0 with mmproj Q8_0;
-cached in `--work-dir`), every variant is a `GGUFClassifier` classifying the same synthetic phone photos:
+exported by `export_gguf` three times (text Q8_0 + Q4_K_M with mmproj F16, and text Q8_0 with mmproj
+Q8_0 and with mmproj F32; cached in `--work-dir`), every variant is a `GGUFClassifier` classifying the
+same synthetic phone photos:
 
 - default: what `elemental classify` opens here (Q8_0 text, F16 mmproj, one thread per core, weight
   repacking ("extra buffer types") as `llama_runtime` decides for this build and CPU);
 - threads 1..cores (and the default's other repacking setting);
-- mmproj Q8_0 instead of F16;
+- mmproj Q8_0 and F32 instead of F16 (F32 is informational: twice F16's size, it is a desktop choice,
+  while the default is the file a phone loads);
 - text Q4_K_M with repacking on and off: on x86 with AVX2, repacking is what makes Q4_K fast, and it is
   what a runtime "no repack" switch (llama.cpp's `--no-repack`, the other way out of the AMX crash)
   would cost. That is why the wheel is built without AMX kernels instead, keeping repacking on.
@@ -47,13 +49,13 @@ PHOTO_SIZES = [(4032, 3024), (3024, 4032), (3024, 3024)]
 
 
 def exports(model_dir: Path, work: Path, task: Task) -> dict[str, Path]:
-    """{"F16": folder with Q8_0 + Q4_K_M text and an F16 mmproj, "Q8_0": Q8_0 text + Q8_0 mmproj}, cached."""
+    """{"F16": folder with Q8_0 + Q4_K_M text and an F16 mmproj, "Q8_0"/"F32": Q8_0 text + that mmproj}, cached."""
     if not (model_dir / "config.json").is_file():
         print(f"building the full-size random SmolVLM2-500M in {model_dir} ...", flush=True)
         build_full_size_random_model(model_dir, task)
     merged = scratch_model(model_dir, work / "model", ours_geometry)  # as merge leaves it: one 512-px tile
-    out = {"F16": work / "mmproj-F16", "Q8_0": work / "mmproj-Q8_0"}
-    for mmproj, quants in (("F16", ("Q8_0", "Q4_K_M")), ("Q8_0", ("Q8_0",))):
+    out = {t: work / f"mmproj-{t}" for t in ("F16", "Q8_0", "F32")}
+    for mmproj, quants in (("F16", ("Q8_0", "Q4_K_M")), ("Q8_0", ("Q8_0",)), ("F32", ("Q8_0",))):
         if not (out[mmproj] / "manifest.json").is_file():
             print(f"exporting text {'+'.join(quants)}, mmproj {mmproj} to {out[mmproj]} ...", flush=True)
             export_gguf(merged, out[mmproj], task, quants=quants, mmproj_type=mmproj)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             variants[f"{t} threads"] = GGUFClassifier(folders["F16"], n_threads=t)
     variants[f"repack {'off' if auto else 'on'}"] = GGUFClassifier(folders["F16"], extra_bufts=not auto)
     variants["mmproj Q8_0"] = GGUFClassifier(folders["Q8_0"])
+    variants["mmproj F32"] = GGUFClassifier(folders["F32"])
     variants["text Q4_K_M, repack on"] = GGUFClassifier(folders["F16"], quant="Q4_K_M", extra_bufts=True)
     variants["text Q4_K_M, repack off"] = GGUFClassifier(folders["F16"], quant="Q4_K_M", extra_bufts=False)
     for name, clf in variants.items():
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'PASS' if ok else 'FAIL (the default is slower here)'}")
         if not ok:
             failed.append(what)
+    print(f"  mmproj F32 / F16 = {med['mmproj F32'] / med[d]:.2f}x (a desktop-only choice: twice the file size)")
     q4 = med["text Q4_K_M, repack off"] / med["text Q4_K_M, repack on"]
     print(f"  Q4_K_M: repack off / on = {q4:.2f}x (what turning repacking off at run time would cost)")
     for clf in variants.values():

@@ -238,3 +238,11 @@ def test_smaller_geometries_train_export_and_agree_end_to_end(demo_dir, tmp_path
           f"GGUF p50 {gg['latency_ms']['p50']:.1f} ms")
     assert hf["accuracy"] >= 0.9 and gg["accuracy"] >= 0.9
     assert agreement(hf, gg) >= 0.99
+
+
+def test_train_takes_the_image_size_as_a_flag_and_refuses_one_the_tower_cannot_take(demo_dir, tmp_path):
+    res = elemental("train", "--dataset_dir", str(demo_dir / "dataset"), "--base_model", str(demo_dir / "base_model"),
+                    "--output_dir", str(tmp_path / "run"), "--image_longest_edge", "400", "--report_to", "none",
+                    cwd=tmp_path)
+    one_line_error(res, "400", "multiple of 64")
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -119,6 +119,9 @@ def train(
     dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir", help="Dataset folder.")] = None,
     output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="Run folder to write.")] = None,
     base_model: Annotated[str | None, _opt("--base-model", "--base_model", help="HF id or folder.")] = None,
+    image_longest_edge: Annotated[int | None, _opt(
+        "--image-longest-edge", "--image_longest_edge",
+        help="Image size: 512 (64 image tokens), 384 (36) or 256 (16); kept by merge, export and the phone.")] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", "--batch_size", help="Per-device batch.")] = None,
     gradient_accumulation_steps: Annotated[int | None, _opt(
         "--gradient-accumulation-steps", "--gradient_accumulation_steps", help="Steps per update.")] = None,
@@ -177,7 +180,8 @@ def train(
 
     cfg, task = _load(config, {
         "train.dataset_dir": dataset_dir, "train.output_dir": output_dir, "model.base_model": base_model,
-        "train.batch_size": batch_size, "train.gradient_accumulation_steps": gradient_accumulation_steps,
+        "model.image_longest_edge": image_longest_edge, "train.batch_size": batch_size,
+        "train.gradient_accumulation_steps": gradient_accumulation_steps,
         "train.num_epochs": num_epochs, "train.max_steps": max_steps, "train.learning_rate": learning_rate,
         "train.lora_r": lora_r, "train.lora_alpha": lora_alpha, "train.lora_dropout": lora_dropout,
         "train.bf16": bf16, "train.reason_mode": reason_mode, "train.report_to": report_to,
@@ -222,7 +226,8 @@ def export(
     output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="GGUF folder to write.")] = None,
     name: Annotated[str | None, _opt("--name", help="File stem, e.g. SmolVLM2-500M-Element.")] = None,
     quant: Annotated[str | None, _opt("--quant", help="Comma list: Q8_0,Q4_K_M,F16.")] = None,
-    mmproj_type: Annotated[str | None, _opt("--mmproj-type", "--mmproj_type", help="Q8_0 or F16.")] = None,
+    mmproj_type: Annotated[str | None, _opt("--mmproj-type", "--mmproj_type",
+                                            help="F16 (default), Q8_0 or F32.")] = None,
 ) -> None:
     """Convert the merged model to llama.cpp GGUF (text model + mmproj) with a manifest for the app."""
     from .lineage import task_for_model

@@ -160,8 +160,10 @@ class ExportConfig(_Section):
     output_dir: Path = Path("models/gguf")
     name: str = "SmolVLM2-500M-Element"
     quant: list[Literal["Q8_0", "Q4_K_M", "F16"]] = Field(default_factory=lambda: ["Q8_0"])
-    # F16: faster on CPU than Q8_0 (benchmarks/gguf_speed.py: 2132 vs 2254 ms per photo), 90 MB larger.
-    mmproj_type: Literal["Q8_0", "F16"] = "F16"
+    # The file the phone loads, so an explicit choice: F16 (default) is faster on CPU than Q8_0
+    # (benchmarks/gguf_speed.py) and half F32's size; F32 encodes faster on an AVX512 desktop CPU
+    # (benchmarks/llama_cpu.py) at twice the size.
+    mmproj_type: Literal["Q8_0", "F16", "F32"] = "F16"
 
 
 class EvaluateConfig(_Section):
