@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,16 @@ def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert len(lines) == 1, res.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def export_evaluate_config(path: Path, demo_dir: Path, out: Path, name: str, quants: list[str]) -> Path:
+    """A config at `path` that exports the demo's merged model as `name` at `quants` into out/gguf and evaluates
+    the GGUF files into out/res_gguf.json (`elemental run` of the last two stages)."""
+    path.write_text(
+        'stages = ["export", "evaluate"]\n'
+        f'[model]\nbase_model = "{demo_dir / "base_model"}"\n'
+        f'[train]\ndataset_dir = "{demo_dir / "dataset"}"\noutput_dir = "{demo_dir / "run"}"\n'
+        f'[export]\noutput_dir = "{out / "gguf"}"\nname = "{name}"\nquant = {json.dumps(quants)}\n'
+        f'[evaluate]\nbackends = ["gguf"]\noutput_path = "{out / "res.json"}"\n'
+    )
+    return path

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from cli_process import elemental, one_line_error
+from cli_process import elemental, export_evaluate_config, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -107,14 +107,7 @@ def test_evaluate_cli_on_gguf_writes_results(demo_dir, tmp_path):
 
 
 def test_run_config_runs_only_its_stages(demo_dir, tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        'stages = ["export", "evaluate"]\n'
-        f'[model]\nbase_model = "{demo_dir / "base_model"}"\n'
-        f'[train]\ndataset_dir = "{demo_dir / "dataset"}"\noutput_dir = "{demo_dir / "run"}"\n'
-        f'[export]\noutput_dir = "{tmp_path / "gguf"}"\nname = "X"\nquant = ["Q8_0", "Q4_K_M"]\n'
-        f'[evaluate]\nbackends = ["gguf"]\noutput_path = "{tmp_path / "res.json"}"\n'
-    )
+    cfg = export_evaluate_config(tmp_path / "c.toml", demo_dir, tmp_path, "X", ["Q8_0", "Q4_K_M"])
     res = elemental("run", str(cfg), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "gguf" / "X-Q8_0.gguf").is_file() and (tmp_path / "gguf" / "X-Q4_K_M.gguf").is_file()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_process import elemental, one_line_error
+from cli_process import elemental, export_evaluate_config, one_line_error
 from PIL import Image
 
 from elemental.config import PrepareConfig, RunConfig, TaskConfig, load_config
@@ -247,14 +247,7 @@ def test_the_gguf_manifest_names_no_path_of_the_build_machine(demo_dir):
 
 @pytest.mark.slow
 def test_run_evaluates_the_quant_that_was_exported(demo_dir, tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        'stages = ["export", "evaluate"]\n'
-        f'[model]\nbase_model = "{demo_dir / "base_model"}"\n'
-        f'[train]\ndataset_dir = "{demo_dir / "dataset"}"\noutput_dir = "{demo_dir / "run"}"\n'
-        f'[export]\noutput_dir = "{tmp_path / "gguf"}"\nname = "Q4only"\nquant = ["Q4_K_M"]\n'
-        f'[evaluate]\nbackends = ["gguf"]\noutput_path = "{tmp_path / "res.json"}"\n'
-    )
+    cfg = export_evaluate_config(tmp_path / "c.toml", demo_dir, tmp_path, "Q4only", ["Q4_K_M"])
     res = elemental("run", str(cfg), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     results = json.loads((tmp_path / "res_gguf.json").read_text())

@@ -13,22 +13,6 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync, and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
     """A binary file to write `path` through in pieces: a temp file in the same folder, fsynced and renamed
@@ -45,6 +29,12 @@ def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder, fsync, and an atomic rename."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
