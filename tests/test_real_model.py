@@ -3,7 +3,7 @@ pretrained SmolLM2-135M-Instruct and its real tokenizer (`synthetic.build_realis
 
 What the tiny model cannot show: llama.cpp's converter recognising a real tokenizer on its own (no
 pre-tokenizer override), a 30-layer pretrained language model through train → merge → export →
-evaluate at 384 px, and HF and the GGUF files agreeing on it. About 10 minutes on 2 CPU cores, so
+evaluate at 384 px, and HF and the GGUF files agreeing on it. About 5 minutes on 2 CPU cores, so
 `make test` leaves it out; `make test-real` (ELEMENTAL_TEST_REAL=1) runs it.
 """
 
@@ -17,7 +17,7 @@ import pytest
 from cli_process import elemental
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("ELEMENTAL_TEST_REAL"),
-                                                    reason="opt-in: make test-real (about 10 minutes)")]
+                                                    reason="opt-in: make test-real (about 5 minutes)")]
 EDGE = 384
 
 
