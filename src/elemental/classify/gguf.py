@@ -156,6 +156,11 @@ class GGUFClassifier:
                 f"{self.manifest[f'{key}_token_ids']} (files from another export?)")
         return ids
 
+    @property
+    def longest_edge(self) -> int:
+        """The image size the export was made for (the manifest's), as `HFClassifier.longest_edge`."""
+        return int(self.manifest["image"]["longest_edge"])
+
     def close(self) -> None:
         """Free the llama.cpp model, context and projector now (else when garbage-collected)."""
         self._finalizer()

@@ -265,7 +265,7 @@ def _scan_folder(root: Path, task: Task) -> tuple[list[tuple[Path, str, str | No
     entries = [e for e in sorted(root.iterdir()) if not e.name.startswith(".")]
     subdirs = [e for e in entries if e.is_dir() and not e.is_symlink()]
     top_files = [e for e in entries if not e.is_dir()]
-    top_photos = [e for e in top_files if e.is_file() and _is_photo_file(e)]
+    top_photos = any(e.is_file() and _is_photo_file(e) for e in top_files)  # stops at the first photo
     labels = list(task.labels)
     found: list[tuple[Path, str, str | None]] = []
     others: list[tuple[Path, str]] = []

@@ -184,9 +184,9 @@ def mmproj_source(model_dir: Path, longest_edge: int, scratch: Path) -> Path:
 
     side = geometry.image_size // geometry.patch_size
     rows = position_rows(side, longest_edge // geometry.patch_size)
-    tensors = {}
+    tensors = {}  # the vision tower and connector only: the mmproj conversion reads nothing else
     for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
+        tensors.update((k, t) for k, t in load_file(f).items() if ".vision_model." in k or ".connector." in k)
     if POSITION_EMBEDDING not in tensors:
         raise ElementalError(f"{model_dir}: no {POSITION_EMBEDDING} in its weights (not a SmolVLM?)")
     tensors[POSITION_EMBEDDING] = tensors[POSITION_EMBEDDING][rows].contiguous()

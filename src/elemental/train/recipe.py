@@ -125,9 +125,8 @@ def training_precision(want_bf16: bool, device: torch.device, cpu: CPU | None = 
     return False, f"fp32: bf16 is not supported here on {device.type}"
 
 
-def _training_dtype_flags(cfg: RunConfig, device: torch.device) -> dict[str, bool]:
-    """TrainingArguments' precision flags for `--bf16` on this device (training_precision decides)."""
-    bf16, why = training_precision(cfg.train.bf16, device)
+def _training_dtype_flags(cfg: RunConfig, device: torch.device, bf16: bool, why: str) -> dict[str, bool]:
+    """TrainingArguments' precision flags for `--bf16` on this device (`training_precision` decided bf16, why)."""
     if cfg.train.bf16:
         (log.info if bf16 else log.warning)("--bf16: training in %s", why)
     # On a CPU the Trainer must be told so: it then autocasts bf16 on the CPU, and under torchrun /
@@ -290,6 +289,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
     report_to, tracking = _setup_tracking(cfg, logs_dir)
     set_seed(tc.seed)
     device = training_device()
+    precision = training_precision(tc.bf16, device)  # (bf16?, why): read once, used by the Trainer and metrics
     processor = load_processor(cfg.model.base_model, longest_edge=cfg.model.image_longest_edge)
     if not task.first_tokens_unique(processor.tokenizer):
         log.info("labels share a first token: classifiers will score whole label continuations")
@@ -325,7 +325,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         seed=tc.seed,
         data_seed=tc.seed,
         disable_tqdm=False,
-        **_training_dtype_flags(cfg, device),
+        **_training_dtype_flags(cfg, device, *precision),
     )
     rank, world = process_role(args)
     if rank == 0:  # every other rank writes nothing of ours (the Trainer adds its RNG state to checkpoints)
@@ -404,7 +404,7 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "total_parameters": n_total,
         "device": str(device),
         "precision": "bf16" if args.bf16 else "fp32",
-        "precision_reason": training_precision(tc.bf16, device)[1],
+        "precision_reason": precision[1],
         "tracking": tracking,
         "quantized_base": quantize,
         "reason_mode": tc.reason_mode,
