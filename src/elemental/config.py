@@ -162,8 +162,8 @@ class ExportConfig(_Section):
     name: str = "SmolVLM2-500M-Element"
     quant: list[Literal["Q8_0", "Q4_K_M", "F16"]] = Field(default_factory=lambda: ["Q8_0"])
     # The file the phone loads, so an explicit choice: F16 (default) is faster on CPU than Q8_0
-    # (benchmarks/gguf_speed.py) and half F32's size; F32 encodes faster on an AVX512 desktop CPU
-    # (benchmarks/llama_cpu.py) at twice the size.
+    # (benchmarks/gguf_speed.py, on CPUs with and without AVX512) and half F32's size; F32 encoded
+    # faster on the one desktop CPU measured, an AVX512/AMX Xeon (benchmarks/llama_cpu.py), at twice the size.
     mmproj_type: Literal["Q8_0", "F16", "F32"] = "F16"
 
 
