@@ -82,6 +82,15 @@ def test_zero_byte_file(tmp_path: Path):
         open_image_bytes(b"", "https://x/y.jpg")
 
 
+def test_broken_symlink_says_where_it_points(tmp_path: Path):
+    (tmp_path / "photo.jpg").symlink_to(tmp_path / "moved" / "IMG_1.jpg")
+    with pytest.raises(ElementalError, match=r"photo\.jpg: broken symbolic link \(points to .*moved/IMG_1\.jpg, "
+                                             r"which does not exist\)"):
+        open_image(tmp_path / "photo.jpg")
+    with pytest.raises(ElementalError, match=r"image not found: .*absent\.jpg$"):  # a plain missing file stays one
+        open_image(tmp_path / "absent.jpg")
+
+
 def test_text_file_named_jpg(tmp_path: Path):
     (tmp_path / "notes.jpg").write_text("just some notes, not a photo\n")
     with pytest.raises(ElementalError, match=r"notes\.jpg: not a readable image \(content is not a known image format"):

@@ -682,6 +682,18 @@ def test_folder_per_class_tree(task, tmp_path: Path):
     assert "water/b.jpg" not in {i.source_id for i in skipped} and len(skipped) == len(items) - 1
 
 
+def test_photo_whose_link_breaks_after_the_scan_is_rejected_with_the_target(tmp_path: Path):
+    """A folder is scanned first and read later: a link broken in between is reported, not a crash."""
+    link = tmp_path / "a.jpg"
+    link.symlink_to(tmp_path / "elsewhere" / "a.jpg")
+    got = sources._read_local(link, "a.jpg", "water")
+    assert isinstance(got, Rejected) and got.kind == "unreadable"
+    target = tmp_path / "elsewhere" / "a.jpg"
+    assert got.reason == f"{link}: broken symbolic link (points to {target}, which does not exist)"
+    gone = sources._read_local(tmp_path / "b.jpg", "b.jpg", "water")
+    assert isinstance(gone, Rejected) and "disappeared before it was read" in gone.reason
+
+
 def test_flat_folder_goes_to_the_labeler(task, tmp_path: Path):
     root = tmp_path / "inbox"
     _write(root / "b.jpg", _jpeg_bytes(1))

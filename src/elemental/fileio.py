@@ -72,6 +72,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def broken_link(path: Path) -> str | None:
+    """What is wrong with `path` when it is a symbolic link to nothing, else None: a photo folder copied
+    without the files its links point to is a common mistake, and "not found" alone would hide it."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+    return None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so GGUF files of hundreds of MB stay cheap in memory."""
     h = hashlib.sha256()

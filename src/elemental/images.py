@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 from .errors import ElementalError
+from .fileio import broken_link
 
 
 def _register_heif() -> bool:
@@ -84,8 +85,8 @@ def open_image(path: Path, max_side: int | None = None, max_pixels: int = DEFAUL
     `max_pixels` pixels to decode is refused with that reason before any pixel is decoded.
     """
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise ElementalError(f"{path}: broken symbolic link (points to {path.readlink()}, which does not exist)")
+    if problem := broken_link(path):
+        raise ElementalError(f"{path}: {problem}")
     if not path.is_file():
         raise ElementalError(f"image not found: {path}")
     try:

@@ -52,6 +52,7 @@ import httpx
 
 from .. import __version__
 from ..errors import ElementalError
+from ..fileio import broken_link
 from ..images import IMAGE_SUFFIXES, SNIFF_BYTES, looks_like_image
 from ..task import Task
 from .records import load_split
@@ -246,8 +247,8 @@ def _is_photo_file(path: Path) -> bool:
 
 
 def _not_a_photo(path: Path) -> str:
-    if path.is_symlink() and not path.exists():
-        return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+    if problem := broken_link(path):
+        return problem
     kind = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
     return f"not a photo file ({kind}, and its content is not a photo format)"
 
@@ -317,9 +318,8 @@ def _read_local(path: Path, rel: str, label: str | None, **extra: Any) -> Photo 
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        if path.is_symlink():
-            return Rejected("local", rel, f"{path}: broken symbolic link (points to {os.readlink(path)}, "
-                                          "which does not exist)", "unreadable")
+        if problem := broken_link(path):
+            return Rejected("local", rel, f"{path}: {problem}", "unreadable")
         return Rejected("local", rel, f"{path}: file disappeared before it was read", "unreadable")
     except OSError as e:
         return Rejected("local", rel, f"{path}: cannot read ({e.strerror or e})", "unreadable")
