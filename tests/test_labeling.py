@@ -120,6 +120,25 @@ def test_cache_hit_makes_zero_requests(server, teacher_factory, task, tmp_path):
     assert report["requests"] == 0 and report["cache_hits"] == 6 and report["estimated_cost_usd"] == 0.0
 
 
+def test_photos_given_as_files_are_read_only_when_the_teacher_is_asked(server, teacher_factory, task, tmp_path):
+    photos, truth = make_photos(task, 4)
+    files = []
+    for sha, data in photos:
+        (tmp_path / f"{sha}.jpg").write_bytes(data)
+        files.append((sha, tmp_path / f"{sha}.jpg"))
+    results = teacher_factory().label_many(files[:3], progress=False)
+    assert {sha: r.element for sha, r in results.items()} == {sha: truth[sha] for sha, _ in files[:3]}
+    for _, path in files[:3]:
+        path.unlink()  # cached answers need no photo: a re-run reads none of them
+    (tmp_path / f"{files[3][0]}.jpg").write_bytes(b"not a photo")
+    again = teacher_factory().label_many(files + [(sha, tmp_path / "gone.jpg") for sha in ["f" * 64]], progress=False)
+    assert [again[sha].cached for sha, _ in files[:3]] == [True, True, True]
+    assert again[files[3][0]].status == "rejected" and "unreadable" in again[files[3][0]].reject_reason
+    gone = again["f" * 64]
+    assert gone.status == "rejected" and "cannot read" in gone.reject_reason and "gone.jpg" in gone.reject_reason
+    assert sum(server.billed.values()) == 3  # the unreadable photos cost nothing
+
+
 def test_prompt_version_and_model_are_part_of_the_cache_key(server, teacher_factory, task):
     pv = prompt_version(task)
     assert pv == prompt_version(Task.from_config(TaskConfig()))

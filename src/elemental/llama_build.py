@@ -34,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,43 +174,61 @@ def detect(version: str, env: dict[str, str] | None = None) -> tuple[BuildInputs
 # -- building into the cache -------------------------------------------------------------------------
 
 
+def _cached(out: Path, key: str, make: Callable[[Path, Path], dict]) -> Path:
+    """`out`, holding a finished build: built now by `make(work, stage)` unless its BUILD_INFO is there.
+
+    `make` builds in the scratch folder `work`, leaves its products in `stage` and returns the facts to
+    record. The stage gets BUILD_INFO last and is renamed onto `out` whole, beside it on the same disk,
+    so an interrupted build leaves nothing that looks finished (a folder without BUILD_INFO is rebuilt).
+    """
+    if out.name != key:
+        raise SystemExit(f"error: {out} is not named by this machine's key {key} (inputs changed?)")
+    if (out / BUILD_INFO).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stage = work / "out"
+        stage.mkdir()
+        t0 = time.time()
+        facts = make(work, stage)
+        cpu = this_cpu()
+        info = {"key": key, **facts, "built_on": {"cpu": cpu.model, "kind": cpu.kind(), "flags": sorted(cpu.flags)},
+                "build_seconds": round(time.time() - t0)}
+        (stage / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted copy
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def build(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     """The cached wheel for this machine in `out` (named by `key`), built from `sdist` when not there yet.
 
-    Built in a temp folder beside `out` and renamed into place, so an interrupted build leaves nothing
-    that looks finished. pip's own wheel cache is bypassed: it is keyed by the sdist alone and would
-    hand back a wheel built with other flags.
+    pip's own wheel cache is bypassed: it is keyed by the sdist alone and would hand back a wheel built
+    with other flags.
     """
     inputs, env = detect(version)
-    if out.name != wheel_key(inputs):
-        raise SystemExit(f"error: {out} is not named by this machine's key {wheel_key(inputs)} (inputs changed?)")
-    found = sorted(out.glob("*.whl")) if (out / BUILD_INFO).is_file() else []
-    if found:
-        return found[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def make(work: Path, stage: Path) -> dict:
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
         kind = f"native, {len(inputs.native_features)} CPU features" if inputs.native else "portable"
         print(f"building {PACKAGE} {version} into {out} ({kind}; CMAKE_ARGS={inputs.cmake_args!r} "
               f"CFLAGS={inputs.cflags!r}): about 10 minutes on 2 cores", flush=True)
-        t0 = time.time()
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(tmp), str(sdist)]
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(stage), str(sdist)]
         subprocess.run(cmd, env=env, check=True)
-        wheels = sorted(tmp.glob("*.whl"))
-        if len(wheels) != 1:
-            raise SystemExit(f"error: pip wheel left {len(wheels)} wheels in {tmp}")
-        info = {"key": out.name, "inputs": asdict(inputs), "wheel": wheels[0].name,
-                "sha256": hashlib.sha256(wheels[0].read_bytes()).hexdigest(),
-                "built_on": {"cpu": this_cpu().model, "kind": this_cpu().kind(), "flags": sorted(this_cpu().flags)},
-                "build_seconds": round(time.time() - t0)}
-        (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)  # a folder without build.json is an interrupted copy
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out / wheels[0].name
+        wheel = _one_wheel(stage)
+        return {"inputs": asdict(inputs), "wheel": wheel.name, "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()}
+
+    return _one_wheel(_cached(out, wheel_key(inputs), make))
+
+
+def _one_wheel(folder: Path) -> Path:
+    wheels = sorted(folder.glob("*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"error: {len(wheels)} wheels in {folder}, expected one")
+    return wheels[0]
 
 
 def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
@@ -218,14 +237,8 @@ def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     The same environment (CMAKE_ARGS, C/C++ flags with the AMX guard, -march=native) as the wheel.
     """
     inputs, env = detect(version)
-    if out.name != server_key(inputs):
-        raise SystemExit(f"error: {out} is not named by this machine's key {server_key(inputs)} (inputs changed?)")
-    binary = out / SERVER
-    if (out / BUILD_INFO).is_file() and binary.is_file():
-        return binary
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def make(work: Path, stage: Path) -> dict:
         src = work / "src"
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
@@ -235,23 +248,17 @@ def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
             tar.extractall(src, members=[m for m in members if m.name], filter="data")
         print(f"building {SERVER} from {sdist.name} into {out} (CFLAGS={inputs.cflags!r}): about 7 minutes on 2 cores",
               flush=True)
-        t0 = time.time()
         configure = ["cmake", "-S", str(src), "-B", str(work / "build"), *SERVER_CMAKE_ARGS,
                      *shlex.split(inputs.cmake_args)]
         subprocess.run(configure, env=env, check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["cmake", "--build", str(work / "build"), "--target", SERVER, "-j", str(jobs)], env=env,
                        check=True, stdout=subprocess.DEVNULL)
-        stage = work / "out"
-        stage.mkdir()
         shutil.copy2(work / "build" / "bin" / SERVER, stage / SERVER)
-        info = {"key": out.name, "inputs": asdict(inputs), "cmake_args": list(SERVER_CMAKE_ARGS),
-                "built_on": {"cpu": this_cpu().model, "kind": this_cpu().kind(), "flags": sorted(this_cpu().flags)},
-                "build_seconds": round(time.time() - t0)}
-        (stage / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(stage, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return {"inputs": asdict(inputs), "cmake_args": list(SERVER_CMAKE_ARGS)}
+
+    binary = _cached(out, server_key(inputs), make) / SERVER
+    if not binary.is_file():
+        raise SystemExit(f"error: {out} has {BUILD_INFO} but no {SERVER}; delete the folder to build it again")
     return binary
 
 

@@ -57,6 +57,9 @@ from .label_cache import BATCH_CONSUMED, BATCH_TERMINAL, BatchRecord, LabelCache
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-4o-mini"
+# A photo for the teacher: its bytes, or the file holding them (read only if the teacher is asked, so a
+# re-run whose answers are all cached reads no photo).
+PhotoData = bytes | Path
 DEFAULT_MAX_SIDE = 512
 DEFAULT_DETAIL = "low"
 JPEG_QUALITY = 85
@@ -470,7 +473,7 @@ class Teacher:
 
     # -- public API ----------------------------------------------------------------------------
     def label_many(
-        self, photos: Sequence[tuple[str, bytes]], *, progress: bool | None = None
+        self, photos: Sequence[tuple[str, PhotoData]], *, progress: bool | None = None
     ) -> dict[str, LabelResult]:
         """Label (sha256, image bytes) pairs; cached photos cost nothing, the rest run `num_workers` at a time.
 
@@ -487,7 +490,7 @@ class Teacher:
 
     def label_batch(
         self,
-        photos: Sequence[tuple[str, bytes]],
+        photos: Sequence[tuple[str, PhotoData]],
         *,
         poll_interval: float = 30.0,
         max_wait: float | None = None,
@@ -575,7 +578,7 @@ class Teacher:
         return self.report()["estimated_cost_usd"]
 
     # -- the normal (synchronous) path ---------------------------------------------------------
-    def _cached_results(self, unique: dict[str, bytes]) -> dict[str, LabelResult]:
+    def _cached_results(self, unique: dict[str, PhotoData]) -> dict[str, LabelResult]:
         rows = self._cache.get_many(unique, self.model, self.prompt_version)
         results = {sha: _result_from_row(row, cached=True) for sha, row in rows.items() if not self._ask_again(row)}
         for r in results.values():
@@ -583,7 +586,7 @@ class Teacher:
         return results
 
     def _run_pool(
-        self, jobs: Sequence[tuple[str, bytes, _Prior | None]], progress: bool | None
+        self, jobs: Sequence[tuple[str, PhotoData, _Prior | None]], progress: bool | None
     ) -> dict[str, LabelResult]:
         """Label `jobs` on the Teacher's `num_workers` threads; a fatal error cancels what has not started.
 
@@ -645,7 +648,7 @@ class Teacher:
         cost = self.spent_usd()
         return "spent: unknown price" if cost is None else f"spent ${cost:.4f}"
 
-    def _label_one(self, sha: str, image: bytes, prior: _Prior | None = None) -> LabelResult:
+    def _label_one(self, sha: str, image: PhotoData, prior: _Prior | None = None) -> LabelResult:
         """Ask about one photo until a valid answer or `max_reasks` re-asks; cache the verdict at once."""
         p = prior or _Prior()
         if prior is None:
@@ -657,7 +660,7 @@ class Teacher:
             with self._state_lock:
                 self._retried.add(sha)
         try:
-            jpeg = teacher_jpeg(image, self.max_side, name=f"photo {sha[:12]}")
+            jpeg = _teacher_jpeg_of(image, self.max_side, sha)
         except ElementalError as e:
             return self._reject(sha, f"unreadable: {e}", p, store=p.attempts > 0)
         messages = chat_messages(self.task, jpeg, self.detail)
@@ -791,7 +794,7 @@ class Teacher:
         return failure
 
     # -- the Batch API path --------------------------------------------------------------------
-    def _submit_batches(self, photos: dict[str, bytes]) -> dict[str, LabelResult]:
+    def _submit_batches(self, photos: dict[str, PhotoData]) -> dict[str, LabelResult]:
         """Upload JSONL input files (split at the API's limits) and create their batches.
 
         The input file id is recorded before the batch is created and the batch id right after, so
@@ -802,7 +805,7 @@ class Teacher:
         lines: list[tuple[str, bytes]] = []
         for sha, data in photos.items():
             try:
-                jpeg = teacher_jpeg(data, self.max_side, name=f"photo {sha[:12]}")
+                jpeg = _teacher_jpeg_of(data, self.max_side, sha)
             except ElementalError as e:
                 unreadable[sha] = self._reject(sha, f"unreadable: {e}", _Prior(), store=False)
                 self._stats.count_result(unreadable[sha])
@@ -842,7 +845,7 @@ class Teacher:
     def _poll_batches(
         self,
         batches: list[BatchRecord],
-        todo: dict[str, bytes],
+        todo: dict[str, PhotoData],
         poll_interval: float,
         max_wait: float | None,
         progress: bool | None,
@@ -894,7 +897,7 @@ class Teacher:
         b: BatchRecord,
         status: str,
         output_file_id: str | None,
-        todo: dict[str, bytes],
+        todo: dict[str, PhotoData],
         followups: dict[str, _Prior | None],
     ) -> None:
         """Cache a finished batch's valid answers; invalid or missing ones become follow-ups.
@@ -983,17 +986,28 @@ class Teacher:
 
 # -- helpers -----------------------------------------------------------------------------------------
 
-def _unique(photos: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
-    unique: dict[str, bytes] = {}
+def _unique(photos: Iterable[tuple[str, PhotoData]]) -> dict[str, PhotoData]:
+    unique: dict[str, PhotoData] = {}
     for i, item in enumerate(photos):
         try:
             sha, data = item
         except (TypeError, ValueError):
-            raise ElementalError(f"photos[{i}]: expected a (sha256, image bytes) pair") from None
-        if not isinstance(sha, str) or not sha or not isinstance(data, bytes | bytearray):
-            raise ElementalError(f"photos[{i}]: expected a (sha256 str, image bytes) pair")
-        unique.setdefault(sha, bytes(data))
+            raise ElementalError(f"photos[{i}]: expected a (sha256, image bytes or file) pair") from None
+        if not isinstance(sha, str) or not sha or not isinstance(data, bytes | bytearray | Path):
+            raise ElementalError(f"photos[{i}]: expected a (sha256 str, image bytes or file) pair")
+        unique.setdefault(sha, data if isinstance(data, Path) else bytes(data))
     return unique
+
+
+def _teacher_jpeg_of(data: PhotoData, max_side: int, sha: str) -> bytes:
+    """What the teacher is sent for a photo given as bytes or as a file (read now, only when asked)."""
+    name = f"photo {sha[:12]}"
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except OSError as e:
+            raise ElementalError(f"{name}: cannot read {data} ({e.strerror or e})") from None
+    return teacher_jpeg(data, max_side, name=name)
 
 
 def _result_from_row(row: Any, *, cached: bool) -> LabelResult:

@@ -109,10 +109,6 @@ class _Item:
     def thumb(self) -> Path:
         return self.staging / f"{self.sha256}.thumb.jpg"
 
-    @property
-    def jpeg(self) -> bytes:
-        return self.jpeg_path.read_bytes()
-
     def record(self) -> Record:
         image_id = self.sha256[:ID_LENGTH]
         return Record(
@@ -287,7 +283,7 @@ class _Labeler:
         """Fill in element/reason/confidence; rejected or (relabel-only) uncached items get element None."""
         if not items:
             return
-        photos = [(i.sha256, i.jpeg) for i in items]
+        photos = [(i.sha256, i.jpeg_path) for i in items]  # read only for photos the cache cannot answer
         if self.cfg.relabel_only:
             answers = self._from_cache_only(items)
         elif self.cfg.batch:
