@@ -852,20 +852,19 @@ class HFRunner:
         del self.clf
 
 
-def report_machine(meta: dict[str, dict], models: dict[str, Path], yardstick: float) -> None:
+def report_machine(f16_gflops: list[float], models: dict[str, Path], yardstick: float) -> None:
     """This CPU beside the one the targets were set on, by llama.cpp's vision-encoder throughput (F16 mmproj)."""
     cpu = this_cpu()
     print(f"\nthis machine: {cpu.model} ({cpu.kind()}); torch fp32 matmul {yardstick:.0f} GFLOP/s "
           f"on the same threads")
     size, edge, seconds = TARGETS_MACHINE_ENCODE_S
     theirs = vision_flops(models[size], edge) / seconds / 1e9 if size in models else None
-    ours = [m["gflops"] for m in meta.values() if m["mmproj"] == "F16"]
-    if theirs is None or not ours:
+    if theirs is None or not f16_gflops:
         return
-    here = statistics.median(ours)
+    here = statistics.median(f16_gflops)
     print(f"llama.cpp encoder, F16 mmproj: {here:.0f} GFLOP/s here (median over sizes and edges), "
           f"{theirs:.0f} GFLOP/s where the targets were set ({size} at {edge} px encoded in {seconds} s): "
-          f"this machine is {theirs / here:.2f}x slower at the part that dominates every row")
+          f"there / here = {theirs / here:.2f} (above 1: this CPU is slower at the part that dominates every row)")
 
 
 def sweep_models(args: argparse.Namespace, task: Task) -> dict[str, Path]:
@@ -966,14 +965,16 @@ def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
     enc = {name: statistics.median(s.clock.encode for s in samples if s.variant == name) for name in runners}
     pre = {name: statistics.median(s.clock.prefill for s in samples if s.variant == name) for name in runners}
     yardstick = torch_fp32_gflops(args.threads)
-    rows, checks = [], []
+    rows, checks, f16_gflops = [], [], []
     for name, m in meta.items():
         size, edge = m["size"], m["edge"]
         hf = med[f"{size} {edge}px HF fp32"]
         ratio = med[f"{size} seed"] / med[name]
         tokens = vision_geometry(models[size]).tokens(edge)
-        m["gflops"] = vision_flops(models[size], edge) / enc[name] / 1e9
-        rows.append((size, f"{edge}", f"{tokens}", m["mmproj"], f"{enc[name] * 1000:.0f}", f"{m['gflops']:.0f}",
+        gflops = vision_flops(models[size], edge) / enc[name] / 1e9
+        if m["mmproj"] == "F16":
+            f16_gflops.append(gflops)
+        rows.append((size, f"{edge}", f"{tokens}", m["mmproj"], f"{enc[name] * 1000:.0f}", f"{gflops:.0f}",
                      f"{pre[name] * 1000:.0f}", f"{med[name] * 1000:.0f}", f"{hf * 1000:.0f}",
                      f"{med[name] / hf:.2f}", f"{ratio:.1f}×", f"{m['text_mb']:.0f}", f"{m['mmproj_mb']:.0f}",
                      f"{rss[name] / MiB:.0f}"))
@@ -987,7 +988,7 @@ def sweep(args: argparse.Namespace, task: Task, t_start: float) -> int:
           + ", ".join(f"{size} {med[f'{size} seed']:.1f} s" for size in models) + ")")
     table(("size", "px", "tokens", "mmproj", "encode ms", "encode GFLOP/s", "prefill ms", "GGUF ms", "HF fp32 ms",
            "GGUF/HF", "seed/GGUF", "text MB", "mmproj MB", "peak RSS MiB"), rows)
-    report_machine(meta, models, yardstick)
+    report_machine(f16_gflops, models, yardstick)
     print("\ntargets")
     table(("target", "value", "result"), [(what, value, verdict(ok)) for what, ok, value in checks])
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")

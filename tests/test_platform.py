@@ -143,6 +143,10 @@ def test_build_reuses_a_finished_cache_entry_and_not_an_interrupted_one(tmp_path
     (out / "build.json").unlink()  # no build.json: an interrupted copy, so it is built again (and fails here)
     with pytest.raises(subprocess.CalledProcessError):
         llama_build.build("0.3.36", tmp_path / "absent-sdist.tar.gz", out, jobs=1)
+    (out / "build.json").write_text(json.dumps({"key": out.name}))
+    wheel.unlink()  # a record without its wheel is not a finished build either
+    with pytest.raises(subprocess.CalledProcessError):
+        llama_build.build("0.3.36", tmp_path / "absent-sdist.tar.gz", out, jobs=1)
 
 
 def test_installed_wheel_was_built_for_this_machine():

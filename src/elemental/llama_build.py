@@ -174,16 +174,17 @@ def detect(version: str, env: dict[str, str] | None = None) -> tuple[BuildInputs
 # -- building into the cache -------------------------------------------------------------------------
 
 
-def _cached(out: Path, key: str, make: Callable[[Path, Path], dict]) -> Path:
-    """`out`, holding a finished build: built now by `make(work, stage)` unless its BUILD_INFO is there.
+def _cached(out: Path, key: str, make: Callable[[Path, Path], dict], complete: Callable[[Path], bool]) -> Path:
+    """`out`, holding a finished build: built now by `make(work, stage)` unless it is there already.
 
-    `make` builds in the scratch folder `work`, leaves its products in `stage` and returns the facts to
-    record. The stage gets BUILD_INFO last and is renamed onto `out` whole, beside it on the same disk,
-    so an interrupted build leaves nothing that looks finished (a folder without BUILD_INFO is rebuilt).
+    Finished means BUILD_INFO is there and `complete(out)` finds the products. `make` builds in the
+    scratch folder `work`, leaves its products in `stage` and returns the facts to record. The stage
+    gets BUILD_INFO last and is renamed onto `out` whole, beside it on the same disk, so an interrupted
+    build leaves nothing that looks finished, and an unfinished folder is built again.
     """
     if out.name != key:
         raise SystemExit(f"error: {out} is not named by this machine's key {key} (inputs changed?)")
-    if (out / BUILD_INFO).is_file():
+    if (out / BUILD_INFO).is_file() and complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -221,13 +222,13 @@ def build(version: str, sdist: Path, out: Path, jobs: int) -> Path:
         wheel = _one_wheel(stage)
         return {"inputs": asdict(inputs), "wheel": wheel.name, "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()}
 
-    return _one_wheel(_cached(out, wheel_key(inputs), make))
+    return _one_wheel(_cached(out, wheel_key(inputs), make, lambda d: len(list(d.glob("*.whl"))) == 1))
 
 
 def _one_wheel(folder: Path) -> Path:
     wheels = sorted(folder.glob("*.whl"))
     if len(wheels) != 1:
-        raise SystemExit(f"error: {len(wheels)} wheels in {folder}, expected one")
+        raise SystemExit(f"error: pip wheel left {len(wheels)} wheels in {folder}, expected one")
     return wheels[0]
 
 
@@ -256,10 +257,7 @@ def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
         shutil.copy2(work / "build" / "bin" / SERVER, stage / SERVER)
         return {"inputs": asdict(inputs), "cmake_args": list(SERVER_CMAKE_ARGS)}
 
-    binary = _cached(out, server_key(inputs), make) / SERVER
-    if not binary.is_file():
-        raise SystemExit(f"error: {out} has {BUILD_INFO} but no {SERVER}; delete the folder to build it again")
-    return binary
+    return _cached(out, server_key(inputs), make, lambda d: (d / SERVER).is_file()) / SERVER
 
 
 def main(argv: list[str] | None = None) -> int:

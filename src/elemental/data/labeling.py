@@ -475,7 +475,7 @@ class Teacher:
     def label_many(
         self, photos: Sequence[tuple[str, PhotoData]], *, progress: bool | None = None
     ) -> dict[str, LabelResult]:
-        """Label (sha256, image bytes) pairs; cached photos cost nothing, the rest run `num_workers` at a time.
+        """Label (sha256, image bytes or file) pairs; cached photos cost nothing, the rest run `num_workers` at a time.
 
         Returns one result per distinct sha256, in input order. Raises ElementalError when the
         endpoint itself fails (auth, model not found, retries exhausted); every answer received
