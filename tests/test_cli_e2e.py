@@ -208,25 +208,15 @@ def test_train_refuses_a_bad_record_before_loading_the_model(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("edge", [384, 256])
-def test_smaller_geometries_train_export_and_agree_end_to_end(demo_dir, tmp_path, edge):
+def test_smaller_geometries_train_export_and_agree_end_to_end(demo_dir, trained_at, tmp_path, edge):
     """The demo at 384 px (36 image tokens) and 256 px (16): it still learns, and what ships agrees with HF."""
     from elemental.evaluate import agreement
-    from elemental.pipeline import demo_config
 
-    cfg = demo_config(demo_dir)
-    train = {k: v for k, v in cfg.train.model_dump().items() if v is not None and not isinstance(v, list)}
-    train.update(output_dir=str(tmp_path / "run"), dataset_dir=str(demo_dir / "dataset"))
-    lines = ['stages = ["train", "merge", "export", "evaluate"]',
-             f'[model]\nbase_model = "{cfg.model.base_model}"\nimage_longest_edge = {edge}', "[train]"]
-    lines += [f"{k} = {json.dumps(str(v) if k.endswith('_dir') else v)}" for k, v in train.items()]
-    lines += [f'[export]\noutput_dir = "{tmp_path / "gguf"}"\nname = "Tiny{edge}"', "[evaluate]\nplot_cm = false"]
-    (tmp_path / "run.toml").write_text("\n".join(lines) + "\n")
-    res = elemental("run", "run.toml", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    manifest = json.loads((tmp_path / "gguf/manifest.json").read_text())
+    out = trained_at(edge)
+    manifest = json.loads((out / "gguf/manifest.json").read_text())
     assert manifest["image"]["longest_edge"] == edge and manifest["image"]["n_image_tokens"] == (edge // 64) ** 2
-    hf = json.loads((tmp_path / "run/validation_results.json").read_text())
-    gg = json.loads((tmp_path / "run/validation_results_gguf.json").read_text())
+    hf = json.loads((out / "run/validation_results.json").read_text())
+    gg = json.loads((out / "run/validation_results_gguf.json").read_text())
     print(f"{edge} px: HF accuracy {hf['accuracy']:.3f}, GGUF {gg['accuracy']:.3f}, agreement {agreement(hf, gg):.3f}, "
           f"GGUF p50 {gg['latency_ms']['p50']:.1f} ms")
     assert hf["accuracy"] >= 0.9 and gg["accuracy"] >= 0.9
@@ -237,8 +227,8 @@ def test_smaller_geometries_train_export_and_agree_end_to_end(demo_dir, tmp_path
 
     val = json.loads((demo_dir / "dataset/val.json").read_text())[:10]
     photos = [str(demo_dir / "dataset" / r["image_path"]) for r in val]
-    ours = lines(run(CLI, tmp_path / "gguf", *photos))
-    theirs = lines(elemental("classify", "--model_path", str(tmp_path / "gguf"), *photos, cwd=tmp_path))
+    ours = lines(run(CLI, out / "gguf", *photos))
+    theirs = lines(elemental("classify", "--model_path", str(out / "gguf"), *photos, cwd=tmp_path))
     assert [ours[k]["label"] for k in ours] == [theirs[k]["label"] for k in ours] and len(ours) == 10
     assert max_dp(ours, theirs) <= END_TO_END
 

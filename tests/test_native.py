@@ -248,6 +248,16 @@ def test_unknown_option_and_quant_are_refused(demo_dir, png_photos):
     assert res.returncode == 2 and "--repack takes auto, on or off" in res.stderr
 
 
+def test_print_backend_names_the_linked_cpu_backend_and_where_weights_land(demo_dir, tmp_path):
+    """The desktop build links its CPU backend (the wheel's libggml-cpu): no backend folder is needed or read."""
+    res = run(CLI, "--backend-dir", tmp_path / "nowhere", "--print-backend", demo_dir / "gguf")
+    assert res.returncode == 0, res.stderr[-2000:]
+    b = json.loads(res.stdout)
+    assert b["backend"] == "CPU" and b["variant"] == "linked" and Path(b["library"]).name.startswith("libggml-cpu")
+    assert b["features"] and all(isinstance(v, str) for v in b["features"].values())
+    assert b["weight_buffers"] and isinstance(b["repack"], bool) and b["threads"] >= 1
+
+
 # -- the Kotlin API through the JNI glue, in a JVM -------------------------------------------------------
 
 def _java(*args: str | Path) -> subprocess.CompletedProcess:

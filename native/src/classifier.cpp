@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <dlfcn.h>
+
 extern "C" {
 #include "sha256/sha256.h"
 }
@@ -75,9 +77,32 @@ void on_log(ggml_log_level level, const char * text, void * /*user_data*/) {
     }
 }
 
+std::string llama_said() {
+    LogCapture & log = log_capture();
+    std::lock_guard<std::mutex> lock(log.mutex);
+    return log.last_problem.empty() ? std::string() : ": " + log.last_problem;
+}
+
+// A GGML_BACKEND_DL build's CPU backends in `dir`: one clear error unless the folder holds some.
+Error check_backend_dir(const std::string & dir) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) {
+        return {"backend folder " + dir + " not found (this llama.cpp loads its CPU backend, libggml-cpu-*.so, from it)"};
+    }
+    for (const auto & entry : std::filesystem::directory_iterator(dir, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind("libggml-cpu", 0) == 0 && name.find(".so") != std::string::npos) {
+            return {};
+        }
+    }
+    return {"backend folder " + dir + " holds no libggml-cpu-*.so (this llama.cpp loads its CPU backend from it)"};
+}
+
 // Once per process: our log callback (chained to the app's), llama.cpp's backends, llama_backend_init.
-void init_llama(const std::string & backend_dir) {
+// Returns the outcome of that first call every time.
+Error init_llama(const std::string & backend_dir) {
     static std::once_flag once;
+    static Error outcome;
     std::call_once(once, [&backend_dir] {
         LogCapture & log = log_capture();
         llama_log_get(&log.forward, &log.forward_data);
@@ -85,21 +110,26 @@ void init_llama(const std::string & backend_dir) {
             log.forward = nullptr;
         }
         llama_log_set(on_log, nullptr);
-        if (!backend_dir.empty()) {
-            ggml_backend_load_all_from_path(backend_dir.c_str());
-        } else if (ggml_backend_dev_count() == 0) {
-            ggml_backend_load_all();  // a GGML_BACKEND_DL build with its backends beside the executable
+        // A build with its backends linked in has registered them already; a GGML_BACKEND_DL build has none yet.
+        if (ggml_backend_reg_by_name("CPU") == nullptr) {
+            if (backend_dir.empty()) {
+                ggml_backend_load_all();  // beside the executable
+            } else if (!(outcome = check_backend_dir(backend_dir))) {
+                ggml_backend_load_all_from_path(backend_dir.c_str());
+            }
+            if (!outcome && ggml_backend_reg_by_name("CPU") == nullptr) {
+                outcome.message = backend_dir.empty()
+                    ? "no CPU backend (libggml-cpu-*.so) found beside the executable: pass the folder that holds them"
+                    : "no CPU backend in " + backend_dir + " runs on this CPU" + llama_said();
+            }
         }
-        llama_backend_init();
+        if (!outcome) {
+            llama_backend_init();
+        }
     });
     llama_log_set(on_log, nullptr);
     mtmd_helper_log_set(on_log, nullptr);
-}
-
-std::string llama_said() {
-    LogCapture & log = log_capture();
-    std::lock_guard<std::mutex> lock(log.mutex);
-    return log.last_problem.empty() ? std::string() : ": " + log.last_problem;
+    return outcome;
 }
 
 // -- files --------------------------------------------------------------------------------------------
@@ -521,9 +551,7 @@ std::unique_ptr<Classifier> Classifier::open(const std::string & folder, const O
     }
     const unsigned hw = std::thread::hardware_concurrency();
     impl->n_threads = options.n_threads > 0 ? options.n_threads : static_cast<int>(hw ? hw : 1);
-    init_llama(options.backend_dir);
-    if (ggml_backend_dev_count() == 0) {
-        error.message = "llama.cpp has no compute backend: built with GGML_BACKEND_DL? pass its library folder as backend_dir";
+    if ((error = init_llama(options.backend_dir))) {
         return nullptr;
     }
     if ((error = impl->load_model(options.repack)) || (error = impl->open_context())) {
@@ -635,6 +663,34 @@ Error Classifier::classify(const uint8_t * rgb, size_t size, int width, int heig
     out.label_index = static_cast<int>(std::max_element(scores.begin(), scores.end()) - scores.begin());
     out.label = s.manifest.labels[static_cast<size_t>(out.label_index)];
     out.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return {};
+}
+
+Error cpu_backend(const std::string & backend_dir, BackendInfo & out) {
+    Error error;
+    if ((error = init_llama(backend_dir))) {
+        return error;
+    }
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+    using features_fn = ggml_backend_feature * (*)(ggml_backend_reg_t);
+    auto features = reinterpret_cast<features_fn>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features"));
+    if (!features) {
+        return {"llama.cpp's CPU backend does not list its features"};
+    }
+    out = {};
+    for (const ggml_backend_feature * f = features(reg); f->name; f++) {
+        out.features.emplace_back(f->name, f->value);
+    }
+    // The library the backend's code lives in: libggml-cpu-<variant>.so when loaded from a backend folder.
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void *>(features), &info) && info.dli_fname) {
+        out.library = info.dli_fname;
+    }
+    const std::string name = std::filesystem::path(out.library).filename().string();
+    const std::string prefix = "libggml-cpu-";
+    const auto so = name.find(".so");
+    out.variant = name.rfind(prefix, 0) == 0 && so != std::string::npos ? name.substr(prefix.size(), so - prefix.size())
+                                                                          : "linked";
     return {};
 }
 

@@ -1,8 +1,11 @@
 // elemental-native-classify MODEL_DIR PHOTO|FOLDER...: what `elemental classify --model_path MODEL_DIR` prints,
 // one JSON line per photo, computed by the native library (the code the Android app runs).
 //
-// Options: --threads N, --quant Q8_0|Q4_K_M|F16, --repack auto|on|off. Exit code 2 with one `error:` line on
-// bad input (a missing or unreadable photo, an export the library refuses).
+// Options: --threads N, --quant Q8_0|Q4_0|Q4_K_M|F16, --repack auto|on|off, --backend-dir DIR (a GGML_BACKEND_DL
+// build's libggml-cpu-*.so; default: ../lib beside the executable, as `make native-arm64` lays it out).
+// `--print-backend [MODEL_DIR]` prints one JSON line naming the CPU backend variant llama.cpp loaded and its
+// features (with a model: where its weights landed, e.g. CPU_REPACK), and exits. Exit code 2 with one `error:` line on bad input (a missing or unreadable photo, an export the library
+// refuses, a backend folder without backends).
 #include "elemental/classifier.h"
 #include "photo.h"
 
@@ -44,11 +47,20 @@ std::vector<std::string> photos_in(const std::string & arg) {
     return found;
 }
 
+// A GGML_BACKEND_DL build's backends, laid out as `make native-arm64` does: bin/this-tool, lib/libggml-cpu-*.so.
+std::string default_backend_dir() {
+    std::error_code ec;
+    const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+    return ec ? std::string() : (exe.parent_path().parent_path() / "lib").string();
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
     elemental::Options options;
     std::vector<std::string> args;
+    bool print_backend = false;
+    bool backend_dir_given = false;
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
         const bool has_value = i + 1 < argc;
@@ -62,9 +74,15 @@ int main(int argc, char ** argv) {
                 return fail("--repack takes auto, on or off, not '" + v + "'");
             }
             options.repack = v == "on" ? elemental::Repack::On : v == "off" ? elemental::Repack::Off : elemental::Repack::Auto;
+        } else if (a == "--backend-dir" && has_value) {
+            options.backend_dir = argv[++i];
+            backend_dir_given = true;
+        } else if (a == "--print-backend") {
+            print_backend = true;
         } else if (a == "-h" || a == "--help") {
             std::printf("usage: elemental-native-classify [--threads N] [--quant Q8_0] [--repack auto|on|off] "
-                        "MODEL_DIR PHOTO|FOLDER...\n");
+                        "[--backend-dir DIR] MODEL_DIR PHOTO|FOLDER...\n"
+                        "       elemental-native-classify [--backend-dir DIR] [options] --print-backend [MODEL_DIR]\n");
             return 0;
         } else if (a.rfind("--", 0) == 0) {
             return fail("unknown option " + a);
@@ -72,10 +90,43 @@ int main(int argc, char ** argv) {
             args.push_back(a);
         }
     }
+    if (!backend_dir_given) {
+        options.backend_dir = default_backend_dir();
+        std::error_code ec;
+        if (!fs::is_directory(options.backend_dir, ec)) {
+            options.backend_dir.clear();  // a build with its backends linked in (make native) needs none
+        }
+    }
+    elemental::Error error;
+    if (print_backend) {
+        elemental::BackendInfo backend;
+        if ((error = elemental::cpu_backend(options.backend_dir, backend))) {
+            return fail(error.message);
+        }
+        nlohmann::ordered_json line;
+        line["backend"] = "CPU";
+        line["variant"] = backend.variant;
+        line["library"] = backend.library;
+        nlohmann::ordered_json features = nlohmann::ordered_json::object();
+        for (const auto & [name, value] : backend.features) {
+            features[name] = value;
+        }
+        line["features"] = features;
+        if (!args.empty()) {  // and where a model's weights land with these options (CPU_REPACK: repacked)
+            const auto classifier = elemental::Classifier::open(args[0], options, error);
+            if (!classifier) {
+                return fail(error.message);
+            }
+            line["repack"] = classifier->repack();
+            line["weight_buffers"] = classifier->weight_buffers();
+            line["threads"] = classifier->n_threads();
+        }
+        std::printf("%s\n", line.dump().c_str());
+        return 0;
+    }
     if (args.size() < 2) {
         return fail("usage: elemental-native-classify [options] MODEL_DIR PHOTO|FOLDER...");
     }
-    elemental::Error error;
     const auto classifier = elemental::Classifier::open(args[0], options, error);
     if (!classifier) {
         return fail(error.message);

@@ -225,7 +225,8 @@ def export(
     model_path: Annotated[Path | None, _opt("--model-path", "--model_path", help="Merged HF model folder.")] = None,
     output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="GGUF folder to write.")] = None,
     name: Annotated[str | None, _opt("--name", help="File stem, e.g. SmolVLM2-500M-Element.")] = None,
-    quant: Annotated[str | None, _opt("--quant", help="Comma list: Q8_0,Q4_K_M,F16.")] = None,
+    quant: Annotated[str | None, _opt(
+        "--quant", help="Comma list: Q8_0,Q4_0,Q4_K_M,F16 (Q4_0: ARM repacks it).")] = None,
     mmproj_type: Annotated[str | None, _opt("--mmproj-type", "--mmproj_type",
                                             help="F16 (default), Q8_0 or F32.")] = None,
 ) -> None:

@@ -160,7 +160,7 @@ class ExportConfig(_Section):
     model_path: Path | None = None  # default: <train.output_dir>/final
     output_dir: Path = Path("models/gguf")
     name: str = "SmolVLM2-500M-Element"
-    quant: list[Literal["Q8_0", "Q4_K_M", "F16"]] = Field(default_factory=lambda: ["Q8_0"])
+    quant: list[Literal["Q8_0", "Q4_0", "Q4_K_M", "F16"]] = Field(default_factory=lambda: ["Q8_0"])
     # The file the phone loads, so an explicit choice: F16 (default) is faster on CPU than Q8_0
     # (benchmarks/gguf_speed.py, on CPUs with and without AVX512) and half F32's size; F32 encoded
     # faster on the one desktop CPU measured, an AVX512/AMX Xeon (benchmarks/llama_cpu.py), at twice the size.

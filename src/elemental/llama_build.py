@@ -14,6 +14,10 @@ weights into an "AMX" buffer and segfaults at the first matmul (llama.cpp#20824)
 CPU_REPACK buffer type (AVX2 kernels for Q4_K, Q4_0, IQ4_NL) stays available; the runtime guard in
 `elemental.classify.llama_runtime` covers any other build.
 
+The phone's llama.cpp (`make native-arm64`) is cross-compiled for aarch64-linux-gnu with the options the
+Android module builds with (android/src/main/cpp/llama-options.cmake) and cached the same way, keyed by the
+version, the cross toolchain and the contents of those two CMake files (`arm64-key`).
+
 Standard library only, because the Makefile runs it before the virtual environment exists:
 
     PYTHONPATH=src python3 -m elemental.llama_build --version 0.3.36 key
@@ -232,6 +236,17 @@ def _one_wheel(folder: Path) -> Path:
     return wheels[0]
 
 
+def _llama_source(version: str, sdist: Path, dest: Path) -> Path:
+    """The sdist's vendored llama.cpp tree, unpacked into `dest`."""
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(dest, members=[m for m in members if m.name], filter="data")
+    return dest
+
+
 def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     """llama-server built from the sdist's llama.cpp into `out` (named by `server_key`), unless it is there.
 
@@ -240,13 +255,7 @@ def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     inputs, env = detect(version)
 
     def make(work: Path, stage: Path) -> dict:
-        src = work / "src"
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(src, members=[m for m in members if m.name], filter="data")
+        src = _llama_source(version, sdist, work / "src")
         print(f"building {SERVER} from {sdist.name} into {out} (CFLAGS={inputs.cflags!r}): about 7 minutes on 2 cores",
               flush=True)
         configure = ["cmake", "-S", str(src), "-B", str(work / "build"), *SERVER_CMAKE_ARGS,
@@ -260,6 +269,63 @@ def build_server(version: str, sdist: Path, out: Path, jobs: int) -> Path:
     return _cached(out, server_key(inputs), make, lambda d: (d / SERVER).is_file()) / SERVER
 
 
+# -- the phone's llama.cpp: cross-compiled for ARM64 ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+ARM64_OPTIONS = ROOT / "android" / "src" / "main" / "cpp" / "llama-options.cmake"
+ARM64_TOOLCHAIN = ROOT / "native" / "cmake" / "aarch64-linux-gnu.cmake"
+ARM64_COMPILERS = (["clang", "--target=aarch64-linux-gnu"], ["aarch64-linux-gnu-g++"])  # compiler, C++ runtime
+
+
+def arm64_key(version: str, options: Path = ARM64_OPTIONS, toolchain: Path = ARM64_TOOLCHAIN) -> str:
+    """The cache folder name of the ARM64 build: the version, the cross toolchain, the two CMake files.
+
+    A portable build (GGML_NATIVE off, every CPU variant): nothing of the machine that builds it goes in.
+    """
+    tools = [(_run([*c, "--version"]) or f"{shlex.join(c)}: not found").splitlines()[0].strip()
+             for c in ARM64_COMPILERS]
+    blob = json.dumps({"version": version, "toolchain": tools, "options": options.read_text(),
+                       "cross": toolchain.read_text()}, sort_keys=True).encode()
+    return f"llama-arm64-{version}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def build_arm64(version: str, sdist: Path, out: Path, jobs: int, options: Path = ARM64_OPTIONS,
+                toolchain: Path = ARM64_TOOLCHAIN) -> Path:
+    """llama.cpp's shared libraries for aarch64-linux-gnu in `out`/lib (named by `arm64_key`), unless there.
+
+    libllama, libmtmd, libggml, libggml-base and one libggml-cpu-<variant>.so per ARM instruction-set level,
+    configured by `options` (`cmake -C`, the file the Android module includes) and `toolchain`.
+    """
+    missing = [c[0] for c in ARM64_COMPILERS if shutil.which(c[0]) is None]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not found: apt-get install clang g++-aarch64-linux-gnu")
+
+    def make(work: Path, stage: Path) -> dict:
+        src = _llama_source(version, sdist, work / "src")
+        print(f"cross-building llama.cpp for ARM64 from {sdist.name} into {out}: about 15 minutes on 2 cores",
+              flush=True)
+        configure = ["cmake", "-S", str(src), "-B", str(work / "build"), "-C", str(options),
+                     f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release"]
+        subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(work / "build"), "-j", str(jobs)], check=True,
+                       stdout=subprocess.DEVNULL)
+        lib = stage / "lib"
+        lib.mkdir()
+        for so in sorted((work / "build" / "bin").glob("lib*.so*")):
+            if so.is_symlink():
+                (lib / so.name).symlink_to(os.readlink(so))
+            else:
+                shutil.copy2(so, lib / so.name)
+        variants = sorted(p.name for p in lib.glob("libggml-cpu-*.so"))
+        if not variants:
+            raise SystemExit(f"error: the ARM64 build made no libggml-cpu-*.so (is GGML_BACKEND_DL on in {options}?)")
+        return {"version": version, "options": options.read_text(), "toolchain": toolchain.read_text(),
+                "cpu_variants": variants}
+
+    return _cached(out, arm64_key(version, options, toolchain), make,
+                   lambda d: (d / "lib" / "libllama.so").exists() and any((d / "lib").glob("libggml-cpu-*.so")))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m elemental.llama_build", description=__doc__.splitlines()[0])
     ap.add_argument("--version", required=True, help=f"{PACKAGE} version")
@@ -267,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("key", help="print the cache key of this machine's build")
     sub.add_parser("server-key", help="print the cache key of this machine's llama-server build")
     sub.add_parser("describe", help="print the build inputs behind the key, as JSON")
+    sub.add_parser("arm64-key", help="print the cache key of the ARM64 cross build")
     b = sub.add_parser("build", help="build the wheel into OUT unless it is there; print the wheel's path")
     b.add_argument("--sdist", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the key)")
@@ -275,12 +342,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sdist", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the server key)")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    b = sub.add_parser("build-arm64", help="cross-build llama.cpp for ARM64 into OUT unless it is there")
+    b.add_argument("--sdist", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the arm64 key)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.command == "build":
         print(build(args.version, args.sdist, args.out, args.jobs))
         return 0
     if args.command == "build-server":
         print(build_server(args.version, args.sdist, args.out, args.jobs))
+        return 0
+    if args.command == "arm64-key":
+        print(arm64_key(args.version))
+        return 0
+    if args.command == "build-arm64":
+        print(build_arm64(args.version, args.sdist, args.out, args.jobs))
         return 0
     inputs, _ = detect(args.version)
     keys = {"key": wheel_key, "server-key": server_key}

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace elemental {
@@ -37,11 +38,23 @@ struct Options {
     int n_threads = 0;           // 0: one per hardware thread
     Repack repack = Repack::Auto;
     std::string quant = "Q8_0";  // which text GGUF of the export to load
-    // Only for a llama.cpp built with GGML_BACKEND_DL (llama.cpp's Android example does so): the folder
-    // holding its libggml-cpu-*.so, e.g. the app's nativeLibraryDir. Empty: backends linked in, or found
-    // next to the executable.
+    // Only for a llama.cpp built with GGML_BACKEND_DL (the Android module and `make native-arm64` are): the
+    // folder holding its libggml-cpu-<variant>.so, e.g. the app's nativeLibraryDir; the best variant for this
+    // CPU is loaded from it. Empty: found next to the executable. Ignored by a build with backends linked in.
     std::string backend_dir;
 };
+
+// The CPU backend llama.cpp computes on, as ggml reports it.
+struct BackendInfo {
+    std::string variant;                // "armv8.2_2" for libggml-cpu-armv8.2_2.so; "linked" when built in
+    std::string library;                // the file its code was loaded from
+    std::vector<std::pair<std::string, std::string>> features;  // ggml's list: {"NEON", "1"}, {"SVE_CNT", "32"}, ...
+};
+
+// Loads llama.cpp's backends (once per process: the first call's `backend_dir`, as in Options, is the one
+// used) and describes the CPU backend. Fails, naming the folder, when a GGML_BACKEND_DL build finds no
+// folder, no libggml-cpu-*.so in it, or no variant that runs on this CPU.
+Error cpu_backend(const std::string & backend_dir, BackendInfo & out);
 
 struct Prediction {
     std::string label;                 // the most probable label

@@ -28,8 +28,9 @@ LLAMA_CPP_DIR_ENV = "ELEMENTAL_LLAMA_CPP_DIR"
 CONVERTER = "convert_hf_to_gguf.py"
 # Types the converter writes directly, and the ones llama.cpp's quantizer makes from an F16 GGUF.
 CONVERTER_TYPES = {"F16": "f16", "Q8_0": "q8_0", "F32": "f32"}
-QUANTIZER_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
-TEXT_TYPES = ("Q8_0", "Q4_K_M", "F16")  # F32 text would be 4x Q8_0 for nothing a phone can use
+# Q4_0 is the type llama.cpp repacks into its interleaved ARM layouts (dotprod/i8mm kernels) at load time.
+QUANTIZER_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+TEXT_TYPES = ("Q8_0", "Q4_0", "Q4_K_M", "F16")  # F32 text would be 4x Q8_0 for nothing a phone can use
 MMPROJ_TYPES = tuple(CONVERTER_TYPES)
 
 
