@@ -129,25 +129,23 @@ native-test: native
 
 # The phone's CPU: llama.cpp cross-compiled for aarch64-linux-gnu with the Android module's options (one file,
 # android/src/main/cpp/llama-options.cmake: one libggml-cpu-<variant>.so per ARM level, picked at run time),
-# cached like the wheel (about 15 minutes on 2 cores, once); then native/ against it, laid out as
+# cached like the wheel (about 7 minutes on 2 cores, once); then native/ against it, laid out as
 # build/native-arm64/bin/elemental-native-classify + build/native-arm64/lib/ (the folder the backends load from).
-ARM64_KEY := $(shell $(call LLAMA_BUILD,$(PYTHON)) arm64-key)
-ifeq ($(ARM64_KEY),)
-$(error could not compute the ARM64 build key; see: PYTHONPATH=src $(PYTHON) -m elemental.llama_build --version $(LLAMA_CPP_PYTHON) arm64-key)
-endif
-LLAMA_ARM64 := $(CACHE)/llama-arm64/$(ARM64_KEY)
 NATIVE_ARM64 := build/native-arm64
 
-$(LLAMA_ARM64)/build.json: $(SDIST) | $(PY)
-	$(call LLAMA_BUILD,$(PY)) build-arm64 --sdist $(SDIST) --out $(LLAMA_ARM64) --jobs $(JOBS)
-
-native-arm64: system-deps $(LLAMA_ARM64)/build.json $(LLAMA_SRC)/.stamp
+# build-arm64 computes its cache key itself (the compilers may have been installed by system-deps just now) and
+# prints the cached folder on its standard output (its progress goes to stderr).
+native-arm64: system-deps $(SDIST) $(LLAMA_SRC)/.stamp
+	@mkdir -p $(NATIVE_ARM64)
+	$(call LLAMA_BUILD,$(PY)) build-arm64 --sdist $(SDIST) --cache $(CACHE)/llama-arm64 --jobs $(JOBS) \
+		> $(NATIVE_ARM64)/llama.path
+	llama=$$(tail -n 1 $(NATIVE_ARM64)/llama.path) && \
 	cmake -S native -B $(NATIVE_ARM64)/cmake -DCMAKE_BUILD_TYPE=Release \
 		-DCMAKE_TOOLCHAIN_FILE=$(abspath native/cmake/aarch64-linux-gnu.cmake) \
-		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_ARM64)/lib \
-		'-DCMAKE_BUILD_RPATH=$$ORIGIN/../lib' -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(NATIVE_ARM64))/bin >/dev/null
-	cmake --build $(NATIVE_ARM64)/cmake -j $(JOBS)
-	rm -rf $(NATIVE_ARM64)/lib && cp -a $(LLAMA_ARM64)/lib $(NATIVE_ARM64)/lib
+		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$$llama/lib \
+		'-DCMAKE_BUILD_RPATH=$$ORIGIN/../lib' -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(NATIVE_ARM64))/bin >/dev/null && \
+	cmake --build $(NATIVE_ARM64)/cmake -j $(JOBS) && \
+	rm -rf $(NATIVE_ARM64)/lib && cp -a $$llama/lib $(NATIVE_ARM64)/lib
 
 # The ARM64 build under qemu-aarch64 against `elemental classify` (tests/test_native_arm64.py; in make test).
 native-arm64-test: install native-arm64

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -225,3 +226,29 @@ def test_installed_build_fits_this_cpu():
     from elemental.classify.llama_runtime import BUILD_RECORD, check_build_fits_cpu
 
     check_build_fits_cpu(BUILD_RECORD, this_cpu())
+
+
+# -- the phone's llama.cpp (issue 19) ---------------------------------------------------------------------
+
+def test_arm64_key_follows_the_version_and_the_cmake_files(tmp_path):
+    options, toolchain = tmp_path / "options.cmake", tmp_path / "toolchain.cmake"
+    options.write_text("set(GGML_BACKEND_DL ON CACHE BOOL \"\" FORCE)\n")
+    toolchain.write_text("set(CMAKE_SYSTEM_PROCESSOR aarch64)\n")
+    key = llama_build.arm64_key("0.3.36", options, toolchain)
+    assert key.startswith("llama-arm64-0.3.36-") and key == llama_build.arm64_key("0.3.36", options, toolchain)
+    assert llama_build.arm64_key("0.3.37", options, toolchain) != key
+    options.write_text("set(GGML_BACKEND_DL OFF CACHE BOOL \"\" FORCE)\n")
+    assert llama_build.arm64_key("0.3.36", options, toolchain) != key
+
+
+def test_llama_options_of_the_app_and_of_the_arm64_build_are_one_file():
+    """What `make native-arm64` tests is what the app builds: the module's CMakeLists includes the options file the
+    ARM64 build is configured with, before llama.cpp, and Gradle passes no llama.cpp option of its own."""
+    options = ROOT / "android/src/main/cpp/llama-options.cmake"
+    assert llama_build.ARM64_OPTIONS == options and options.is_file()
+    cmake = (ROOT / "android/src/main/cpp/CMakeLists.txt").read_text()
+    include = cmake.index('include("${CMAKE_CURRENT_LIST_DIR}/llama-options.cmake")')
+    assert include < cmake.index('add_subdirectory("${ELEMENTAL_LLAMA_CPP_SOURCE}"')
+    gradle = (ROOT / "android/build.gradle.kts").read_text()
+    assert not re.search(r'"-D(GGML|LLAMA|BUILD_SHARED)_?\w*=', gradle), "llama.cpp's options go in llama-options.cmake"
+    assert "GGML_BACKEND_DL ON" in options.read_text() and "GGML_CPU_ALL_VARIANTS ON" in options.read_text()

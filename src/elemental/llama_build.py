@@ -302,8 +302,8 @@ def build_arm64(version: str, sdist: Path, out: Path, jobs: int, options: Path =
 
     def make(work: Path, stage: Path) -> dict:
         src = _llama_source(version, sdist, work / "src")
-        print(f"cross-building llama.cpp for ARM64 from {sdist.name} into {out}: about 15 minutes on 2 cores",
-              flush=True)
+        print(f"cross-building llama.cpp for ARM64 from {sdist.name} into {out}: about 7 minutes on 2 cores",
+              file=sys.stderr, flush=True)
         configure = ["cmake", "-S", str(src), "-B", str(work / "build"), "-C", str(options),
                      f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release"]
         subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
@@ -342,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--sdist", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the server key)")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    b = sub.add_parser("build-arm64", help="cross-build llama.cpp for ARM64 into OUT unless it is there")
+    b = sub.add_parser("build-arm64", help="cross-build llama.cpp for ARM64 into CACHE/<arm64 key> unless it is "
+                                           "there; print that folder")
     b.add_argument("--sdist", type=Path, required=True)
-    b.add_argument("--out", type=Path, required=True, help="the cache folder (its name should be the arm64 key)")
+    b.add_argument("--cache", type=Path, required=True, help="the folder holding one subfolder per arm64 key")
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.command == "build":
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(arm64_key(args.version))
         return 0
     if args.command == "build-arm64":
-        print(build_arm64(args.version, args.sdist, args.out, args.jobs))
+        # The key is computed here, not by the Makefile: `make test` may have just installed the cross compilers.
+        print(build_arm64(args.version, args.sdist, args.cache / arm64_key(args.version), args.jobs))
         return 0
     inputs, _ = detect(args.version)
     keys = {"key": wheel_key, "server-key": server_key}
