@@ -17,7 +17,9 @@ It prints, per configuration, the instructions per photo and the ratio to the 51
 in the same run. Instructions are not time: SIMD width, memory stalls and the phone's cores decide that; the
 ratio between configurations of the same work on the same kernels is what carries over (README: the phone
 section turns them into expected latencies from one published phone figure). One thread, so ggml's thread pool
-spends nothing spinning. About 15 minutes on 2 cores (the exports, then one emulated photo per configuration).
+spends nothing spinning. The exports take about 5 minutes on 2 cores; then each configuration 2-5 minutes of
+emulation (the checksums of the open count twice, once per run; the photo once): `--text`/`--mmproj`/`--edges`
+narrow the sweep (the default configuration stays in it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from elemental.config import TaskConfig
 from elemental.task import Task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_speed import scratch_model  # this folder's benchmark: the same scratch copy  # noqa: E402
+from gguf_speed import sweep_exports  # this folder's benchmark: the same scratch copies and exports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "build" / "native-arm64" / "bin" / "elemental-native-classify"
@@ -88,24 +90,6 @@ def photo_cost(plugin: Path, cpu: str, gguf: Path, quant: str, photo: Path, work
     return first_write(work / "photo.txt") - open_cost, open_cost, json.loads(answered.stdout.splitlines()[0])
 
 
-def exports(model_dir: Path, root: Path, edges: list[int], task: Task) -> dict[tuple[int, str], Path]:
-    """{(edge, mmproj type): export with both text types and that mmproj}, cached in `root`."""
-    from elemental.export.gguf import export_gguf
-    from elemental.model_io import apply_geometry, vision_geometry
-
-    out = {}
-    geometry = vision_geometry(model_dir)
-    for edge in edges:
-        model = scratch_model(model_dir, root / f"model-{edge}", lambda p, e=edge: apply_geometry(p, e, geometry))
-        for t in MMPROJ_TYPES:
-            folder = root / f"export-{edge}-{t}"
-            if not (folder / "manifest.json").is_file():
-                print(f"exporting {folder} ...", flush=True)
-                export_gguf(model, folder, task, quants=TEXT_TYPES, mmproj_type=t)
-            out[edge, t] = folder
-    return out
-
-
 def file_mb(gguf: Path, role: str, quant: str) -> float:
     files = json.loads((gguf / "manifest.json").read_text())["files"]
     return next(f["size_bytes"] for f in files.values() if f["role"] == role and f.get("quant") == quant) / 1e6
@@ -115,24 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", default="neoverse-n1", help="QEMU_CPU to emulate (default neoverse-n1: dotprod + fp16)")
     ap.add_argument("--edges", default="512,384,256", help="image sizes (default 512,384,256)")
+    ap.add_argument("--text", default=",".join(TEXT_TYPES), help=f"text GGUF types (default {','.join(TEXT_TYPES)})")
+    ap.add_argument("--mmproj", default=",".join(MMPROJ_TYPES),
+                    help=f"mmproj types (default {','.join(MMPROJ_TYPES)})")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/arm64_cost"),
                     help="cache for the realistic model and its exports, reused by reruns (default /tmp/arm64_cost)")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a model folder to use instead (e.g. the demo's run/final, to try the benchmark quickly)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not CLI.is_file():
         raise SystemExit(f"error: {CLI} is missing: run make native-arm64")
-    edges = [int(e) for e in args.edges.split(",")]
-    if 512 not in edges:
-        raise SystemExit("error: --edges must include 512 (the default every ratio is taken against)")
+    edges, texts, mmprojs = [int(e) for e in args.edges.split(",")], args.text.split(","), args.mmproj.split(",")
+    if (DEFAULT[0] not in edges or DEFAULT[1] not in texts or DEFAULT[2] not in mmprojs
+            or not set(texts) <= set(TEXT_TYPES) or not set(mmprojs) <= set(MMPROJ_TYPES)):
+        raise SystemExit(f"error: --edges/--text/--mmproj must include the default {DEFAULT} every ratio is taken "
+                         f"against, and only {TEXT_TYPES} / {MMPROJ_TYPES}")
     task = Task.from_config(TaskConfig())
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = args.work_dir / "realistic-256m"
+    model = args.model_dir or args.work_dir / "realistic-256m"
     if not (model / "config.json").is_file():
         from elemental.synthetic import build_realistic_256m
 
         print(f"building the SmolVLM2-256M-shaped model (real SmolLM2-135M) in {model} ...", flush=True)
         build_realistic_256m(model, seed=args.seed)
-    folders = exports(model, args.work_dir, edges, task)
+    folders = {key: gguf for key, (_, gguf) in sweep_exports(model, args.work_dir, edges, task, mmprojs,
+                                                              quants=TEXT_TYPES).items()}
 
     from elemental.synthetic import synthetic_photo
 
@@ -149,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"QEMU_CPU={args.cpu}: backend variant {variant}; one thread, repacking on; photo 1024x768 JPEG",
               flush=True)
         for edge in edges:
-            for text in TEXT_TYPES:
-                for mmproj in MMPROJ_TYPES:
+            for text in texts:
+                for mmproj in mmprojs:
                     gguf = folders[edge, mmproj]
                     t = time.time()
                     cost, open_cost, answer = photo_cost(plugin, args.cpu, gguf, text, photo, work)
@@ -160,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {edge} px, text {text}, mmproj {mmproj}: {cost / 1e9:.2f} G instructions per photo "
                           f"({time.time() - t:.0f} s emulated)", flush=True)
     base = next(r["insns"] for r in rows if (r["edge"], r["text"], r["mmproj"]) == DEFAULT)
-    print(f"\nARM64 instructions per photo, realistic 256M model, QEMU_CPU={args.cpu} ({variant}), 1 thread, "
+    print(f"\nARM64 instructions per photo, {model.name}, QEMU_CPU={args.cpu} ({variant}), 1 thread, "
           f"repacking on ({time.time() - t0:.0f} s)")
     print(f"{'px':>4} {'text':>5} {'mmproj':>6} {'G insns':>8} {'ratio':>6} {'files MB':>9}")
     for r in rows:

@@ -889,9 +889,9 @@ def sweep_models(args: argparse.Namespace, task: Task) -> dict[str, Path]:
     return models
 
 
-def sweep_exports(model_dir: Path, root: Path, edges: list[int], task: Task,
-                  mmproj_types: list[str]) -> dict[tuple[int, str], tuple[Path, Path]]:
-    """{(edge, mmproj type): (scratch model at that geometry, its export: text Q8_0 + that mmproj)}, cached."""
+def sweep_exports(model_dir: Path, root: Path, edges: list[int], task: Task, mmproj_types: list[str],
+                  quants: tuple[str, ...] = (TEXT_TYPE,)) -> dict[tuple[int, str], tuple[Path, Path]]:
+    """{(edge, mmproj type): (scratch model at that geometry, its export: text `quants` + that mmproj)}, cached."""
     from elemental.export.gguf import export_gguf
     from elemental.model_io import apply_geometry, vision_geometry
 
@@ -903,7 +903,7 @@ def sweep_exports(model_dir: Path, root: Path, edges: list[int], task: Task,
             folder = root / f"ours-{edge}-{t}"
             if not (folder / "manifest.json").is_file():
                 print(f"exporting {folder} ...", flush=True)
-                export_gguf(model, folder, task, quants=(TEXT_TYPE,), mmproj_type=t)
+                export_gguf(model, folder, task, quants=quants, mmproj_type=t)
             out[edge, t] = (model, folder)
     return out
 

@@ -17,6 +17,7 @@
 
 typedef uint64_t qemu_plugin_id_t;
 struct qemu_plugin_tb;
+enum qemu_plugin_op { QEMU_PLUGIN_INLINE_ADD_U64 = 0 };
 struct qemu_info_t;
 enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS = 0 };
 typedef void (*tb_trans_cb)(qemu_plugin_id_t id, struct qemu_plugin_tb * tb);
@@ -28,6 +29,10 @@ void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, tb_trans_cb cb);
 void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb * tb, vcpu_udata_cb cb, enum qemu_plugin_cb_flags flags,
                                           void * userdata);
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb * tb);
+/* The fast path (an add compiled into the translated block, no call per block), in QEMU's API until 9.0; weak,
+ * so that a QEMU without it falls back to the callback. */
+__attribute__((weak)) void qemu_plugin_register_vcpu_tb_exec_inline(struct qemu_plugin_tb * tb, enum qemu_plugin_op op,
+                                                                     void * ptr, uint64_t imm);
 void qemu_plugin_register_vcpu_syscall_cb(qemu_plugin_id_t id, syscall_cb cb);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, udata_cb cb, void * userdata);
 
@@ -43,8 +48,12 @@ static void on_exec(unsigned int vcpu_index, void * n_insns) {
 
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb * tb) {
     (void) id;
-    qemu_plugin_register_vcpu_tb_exec_cb(tb, on_exec, QEMU_PLUGIN_CB_NO_REGS,
-                                         (void *) (uintptr_t) qemu_plugin_tb_n_insns(tb));
+    const size_t n = qemu_plugin_tb_n_insns(tb);
+    if (qemu_plugin_register_vcpu_tb_exec_inline) {  /* not atomic: count one guest thread (--threads 1) */
+        qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &executed, n);
+    } else {
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, on_exec, QEMU_PLUGIN_CB_NO_REGS, (void *) (uintptr_t) n);
+    }
 }
 
 enum { AARCH64_SYS_WRITE = 64, STDOUT = 1 };
