@@ -129,7 +129,7 @@ native-test: native
 
 # The phone's CPU: llama.cpp cross-compiled for aarch64-linux-gnu with the Android module's options (one file,
 # android/src/main/cpp/llama-options.cmake: one libggml-cpu-<variant>.so per ARM level, picked at run time),
-# cached like the wheel (about 7 minutes on 2 cores, once); then native/ against it, laid out as
+# cached like the wheel (about 4 minutes on 2 cores, once); then native/ against it, laid out as
 # build/native-arm64/bin/elemental-native-classify + build/native-arm64/lib/ (the folder the backends load from).
 NATIVE_ARM64 := build/native-arm64
 

@@ -15,11 +15,12 @@ preprocessing, the vision encode, the prefill and the label scoring.
 
 It prints, per configuration, the instructions per photo and the ratio to the 512-px Q8_0/F16 default measured
 in the same run. Instructions are not time: SIMD width, memory stalls and the phone's cores decide that; the
-ratio between configurations of the same work on the same kernels is what carries over (README: the phone
-section turns them into expected latencies from one published phone figure). One thread, so ggml's thread pool
-spends nothing spinning. The exports take about 5 minutes on 2 cores; then each configuration 2-5 minutes of
-emulation (the checksums of the open count twice, once per run; the photo once): `--text`/`--mmproj`/`--edges`
-narrow the sweep (the default configuration stays in it).
+ratio between configurations of the same work on the same kernels is what carries over. One thread, so ggml's
+thread pool spends nothing spinning. Emulation is slow where the variant computes in fp16 (qemu does that in
+software): on a 2-core AVX512/AMX Xeon the exports took about 5 minutes, opening the realistic export about a
+minute of emulation per run, and one 512-px photo on `neoverse-n1` did not finish in 20 minutes, so the full
+sweep takes hours there; `--text`/`--mmproj`/`--edges` narrow it (the default configuration stays in it), and
+`--model-dir runs/demo/run/final` runs it on the tiny demo model in under a minute.
 """
 
 from __future__ import annotations
@@ -63,9 +64,12 @@ def build_plugin(work: Path) -> Path:
     raise SystemExit(f"error: qemu-aarch64 loads none of the plugin API versions 1-5: {probe.stderr.strip()[-500:]}")
 
 
+def qemu_env(cpu: str) -> dict[str, str]:
+    return {**os.environ, "QEMU_LD_PREFIX": SYSROOT, "QEMU_CPU": cpu}
+
+
 def run_counted(plugin: Path, cpu: str, cmd: list, counts: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "QEMU_LD_PREFIX": SYSROOT, "QEMU_CPU": cpu}
-    return subprocess.run(["qemu-aarch64", "-plugin", f"{plugin},out={counts}", *map(str, cmd)], env=env,
+    return subprocess.run(["qemu-aarch64", "-plugin", f"{plugin},out={counts}", *map(str, cmd)], env=qemu_env(cpu),
                           capture_output=True, text=True)
 
 
@@ -135,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         photo = work / "photo.jpg"
         synthetic_photo("water", np.random.default_rng(args.seed), size=(1024, 768)).save(photo, quality=90)
         plugin = build_plugin(work)
-        variant = json.loads(subprocess.run(
-            ["qemu-aarch64", str(CLI), "--print-backend"], capture_output=True, text=True, check=True,
-            env={**os.environ, "QEMU_LD_PREFIX": SYSROOT, "QEMU_CPU": args.cpu}).stdout)["variant"]
+        variant = json.loads(subprocess.run(["qemu-aarch64", str(CLI), "--print-backend"], capture_output=True,
+                                            text=True, check=True, env=qemu_env(args.cpu)).stdout)["variant"]
         print(f"QEMU_CPU={args.cpu}: backend variant {variant}; one thread, repacking on; photo 1024x768 JPEG",
               flush=True)
         for edge in edges:

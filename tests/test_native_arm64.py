@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import elemental
+from test_native import BAD_EXPORTS, END_TO_END, _copy, _text_file, lines, max_dp
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARM64 = ROOT / "build" / "native-arm64"
 CLI = ARM64 / "bin" / "elemental-native-classify"
 SYSROOT = "/usr/aarch64-linux-gnu"
-END_TO_END = 5e-3  # the promise: the phone answers as `elemental classify`; met on ARM64 at 512 px
+# END_TO_END (test_native): the promise, the phone answers as `elemental classify`; met on ARM64 at 512 px.
 # Not met yet at 384 and 256 px: on identical pixels ARM64 and x86 differ by up to 1.0e-2 in probability there (every
 # variant, cortex-a53's included; ggml's ARM kernels, not the decoder), the labels never (README, "The phone's CPU").
 # This bound guards that gap from growing; issue 19 stays open until END_TO_END holds at every geometry.
@@ -54,18 +55,8 @@ def qemu(cpu: str, *args: str | Path, timeout: int = 900) -> subprocess.Complete
                           timeout=timeout)
 
 
-def lines(res: subprocess.CompletedProcess) -> dict[str, dict]:
-    assert res.returncode == 0, res.stderr[-3000:]
-    return {Path(o["path"]).name: o for o in map(json.loads, res.stdout.splitlines())}
-
-
 def bound(edge: int) -> float:
     return END_TO_END if edge == 512 else ARM_GAP
-
-
-def max_dp(a: dict[str, dict], b: dict[str, dict]) -> float:
-    assert a.keys() == b.keys()
-    return max(abs(a[k]["probabilities"][lab] - b[k]["probabilities"][lab]) for k in a for lab in a[k]["probabilities"])
 
 
 def backend(cpu: str, *args: str | Path) -> dict:
@@ -143,10 +134,13 @@ def test_every_val_photo_answers_as_classify(cpu, edge, exports, val_photos, on_
     assert delta <= bound(edge)
 
 
-@pytest.mark.parametrize("edge", EDGES)
-@pytest.mark.parametrize("cpu, repack", [("cortex-a53", "on"), ("cortex-a53", "off"), (MAX, "on"), (MAX, "off"),
-                                         (PHONE, "off")])  # on a few photos
+@pytest.mark.parametrize("cpu, repack, edge", [
+    (cpu, repack, edge) for edge in EDGES for cpu, repack in
+    (("cortex-a53", "on"), ("cortex-a53", "off"), (MAX, "on"), (MAX, "off"), (PHONE, "off"))
+    if not (repack == "on" and edge == 512)  # those run on every photo above
+])
 def test_other_cpus_and_repack_off_answer_alike(cpu, repack, edge, exports, val_photos, on_x86):
+    """Every CPU with repacking on and off, at every geometry, on a few photos."""
     some = val_photos[edge // 128 - 1:][:FEW]  # a different few per geometry
     ours = lines(qemu(cpu, "--repack", repack, exports[edge], *some))
     theirs = {k: on_x86[edge][k] for k in ours}
@@ -160,7 +154,6 @@ def test_other_cpus_and_repack_off_answer_alike(cpu, repack, edge, exports, val_
 
 def test_q4_0_on_arm_against_hf_and_q8_0(demo_dir, val_photos, on_x86, tmp_path):
     from elemental.config import TaskConfig
-    from elemental.evaluate import agreement
     from elemental.export.gguf import export_gguf
     from elemental.task import Task
 
@@ -172,54 +165,37 @@ def test_q4_0_on_arm_against_hf_and_q8_0(demo_dir, val_photos, on_x86, tmp_path)
     q4 = lines(qemu(PHONE, "--quant", "Q4_0", tmp_path / "gguf", *val_photos))
     hf = json.loads((demo_dir / "run" / "validation_results.json").read_text())
     truth = {Path(p["image_path"]).name: p["element"] for p in hf["predictions"]}
-
-    def as_results(answers: dict[str, dict]) -> dict:
-        return {"predictions": [{"image_path": k, "predicted": v["label"]} for k, v in answers.items()]}
-
-    hf_by_name = {"predictions": [{**p, "image_path": Path(p["image_path"]).name} for p in hf["predictions"]]}
-    q8 = on_x86[512]
+    hf_label = {Path(p["image_path"]).name: p["predicted"] for p in hf["predictions"]}
+    q8 = on_x86[512]  # x86's Q8_0, whose labels ARM64 gives on every photo (test above)
     acc = {name: sum(a[k]["label"] == truth[k] for k in a) / len(a) for name, a in (("Q4_0", q4), ("Q8_0", q8))}
-    agree = {name: agreement(hf_by_name, as_results(a)) for name, a in (("Q4_0", q4), ("Q8_0", q8))}
+    agree = {name: sum(a[k]["label"] == hf_label[k] for k in a) / len(a) for name, a in (("Q4_0", q4), ("Q8_0", q8))}
     size = {f["quant"]: f["size_bytes"] for f in manifest["files"].values() if f["role"] == "text"}["Q4_0"]
-    print(f"demo val ({len(q4)} photos), ARM64 {PHONE} with repacking: Q4_0 accuracy {acc['Q4_0']:.3f}, agreement "
-          f"with HF {agree['Q4_0']:.3f}; Q8_0 accuracy {acc['Q8_0']:.3f}, agreement {agree['Q8_0']:.3f}; Q4_0 vs "
+    print(f"demo val ({len(q4)} photos): Q4_0 on ARM64 {PHONE} with repacking: accuracy {acc['Q4_0']:.3f}, agreement "
+          f"with HF {agree['Q4_0']:.3f}; Q8_0: accuracy {acc['Q8_0']:.3f}, agreement {agree['Q8_0']:.3f}; Q4_0 vs "
           f"Q8_0 max |Δp| {max_dp(q4, q8):.2e}; Q4_0 text GGUF {size / 1e6:.1f} MB")
     assert agree["Q4_0"] >= 0.9 and acc["Q4_0"] >= acc["Q8_0"] - 0.1
 
 
 # -- bad input: one line, exit 2, never a signal ------------------------------------------------------------
 
-def _text_file(folder: Path) -> tuple[dict, Path]:
-    m = json.loads((folder / "manifest.json").read_text())
-    return m, folder / next(n for n, f in m["files"].items() if f["role"] == "text")
-
-
-def _truncate(folder: Path) -> None:
-    _, text = _text_file(folder)
-    text.write_bytes(text.read_bytes()[: text.stat().st_size // 2])
-
-
 def _foreign(folder: Path) -> None:
     """The text GGUF replaced by another GGUF (the projector), the manifest updated to match: llama.cpp refuses it."""
     import hashlib
 
-    m, text = _text_file(folder)
-    mmproj = folder / next(n for n, f in m["files"].items() if f["role"] == "mmproj")
-    shutil.copyfile(mmproj, text)
+    text, m = _text_file(folder), json.loads((folder / "manifest.json").read_text())
+    shutil.copyfile(folder / next(n for n, f in m["files"].items() if f["role"] == "mmproj"), text)
     m["files"][text.name].update(sha256=hashlib.sha256(text.read_bytes()).hexdigest(), size_bytes=text.stat().st_size)
     (folder / "manifest.json").write_text(json.dumps(m))
 
 
-def _lying_manifest(folder: Path) -> None:
-    m, _ = _text_file(folder)
-    m["prompt_prefix_token_ids"] = m["prompt_prefix_token_ids"][:-1]
-    (folder / "manifest.json").write_text(json.dumps(m))
+BAD_ON_ARM = {"foreign GGUF": (_foreign, "could not load"),
+              **{case: BAD_EXPORTS[case] for case in ("file truncated", "wrong prompt tokens")}}
 
 
-@pytest.mark.parametrize("damage, needle", [(_truncate, "bytes, the manifest says"), (_foreign, "could not load"),
-                                            (_lying_manifest, "llama.cpp tokenizes prompt_prefix as")])
-def test_bad_export_on_arm_is_one_line_and_exit_2(demo_dir, val_photos, tmp_path, damage, needle):
-    folder = Path(shutil.copytree(demo_dir / "gguf", tmp_path / "gguf"))
+@pytest.mark.parametrize("case", list(BAD_ON_ARM))
+def test_bad_export_on_arm_is_one_line_and_exit_2(demo_dir, val_photos, tmp_path, case):
+    damage, needle = BAD_ON_ARM[case]
+    folder = _copy(demo_dir, tmp_path)
     damage(folder)
     res = qemu(PHONE, folder, val_photos[0])
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]

@@ -4,8 +4,9 @@
 // Options: --threads N, --quant Q8_0|Q4_0|Q4_K_M|F16, --repack auto|on|off, --backend-dir DIR (a GGML_BACKEND_DL
 // build's libggml-cpu-*.so; default: ../lib beside the executable, as `make native-arm64` lays it out).
 // `--print-backend [MODEL_DIR]` prints one JSON line naming the CPU backend variant llama.cpp loaded and its
-// features (with a model: where its weights landed, e.g. CPU_REPACK), and exits. Exit code 2 with one `error:` line on bad input (a missing or unreadable photo, an export the library
-// refuses, a backend folder without backends).
+// features (with a model: where its weights landed, e.g. CPU_REPACK), and exits. Exit code 2 with one `error:`
+// line on bad input (a missing or unreadable photo, an export the library refuses, a backend folder without
+// backends).
 #include "elemental/classifier.h"
 #include "photo.h"
 
