@@ -313,6 +313,28 @@ def test_systemic_faults_stop_at_once(server, teacher_factory, task, status, nee
     assert KEY not in str(e.value) and sum(server.requests.values()) == 1
 
 
+def test_a_fatal_error_sends_no_further_request_however_threads_interleave(server, teacher_factory, task):
+    """The worker that met the error must not start the next queued photo before the caller cancels it.
+
+    A tiny GIL switch interval makes the losing interleaving the usual one (without the stop flag,
+    19 of 20 runs sent a second request).
+    """
+    photos, _ = make_photos(task, 12)
+    server.default = [("status", 403, {}, {"error": {"message": "failure 403"}})]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        sent = []
+        for _ in range(20):
+            before = sum(server.requests.values())
+            with pytest.raises(ElementalError, match="the key was refused"):
+                teacher_factory(max_retries=0, num_workers=1).label_many(photos, progress=False)
+            sent.append(sum(server.requests.values()) - before)
+    finally:
+        sys.setswitchinterval(old)
+    assert sent == [1] * 20
+
+
 def test_an_unreachable_server_is_not_cached_and_stops_after_the_streak(task, tmp_path):
     with FakeOpenAI() as gone:
         url = gone.base_url  # a port that nothing listens on once this server is closed

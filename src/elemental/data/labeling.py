@@ -597,6 +597,9 @@ class Teacher:
             return {}
         mine: list[Future[LabelResult]] = []
         theirs: list[Future[LabelResult]] = []
+        # Set by the first job that fails, before its future completes: the pool's next job may
+        # start before this thread sees the failure and cancels, and must not send a request.
+        stop = threading.Event()
         with self._inflight_lock:
             pool = self._pool()
             for sha, data, prior in jobs:
@@ -604,7 +607,7 @@ class Teacher:
                 if running is not None and prior is None:
                     theirs.append(running)
                     continue
-                fut = pool.submit(self._label_one, sha, data, prior)
+                fut = pool.submit(self._label_unless_stopped, stop, sha, data, prior)
                 self._inflight[sha] = fut
                 fut.add_done_callback(functools.partial(self._forget, sha))
                 mine.append(fut)
@@ -613,7 +616,10 @@ class Teacher:
                    dynamic_ncols=True, smoothing=0.1)
         try:
             for fut in as_completed(mine):
-                result = fut.result()
+                try:
+                    result = fut.result()
+                except CancelledError:
+                    continue  # stopped by the failure that this loop is about to meet
                 self._stats.count_result(result)
                 out[result.sha256] = result
                 bar.update(1)
@@ -632,6 +638,18 @@ class Teacher:
         finally:
             bar.close()
         return out
+
+    def _label_unless_stopped(
+        self, stop: threading.Event, sha: str, image: PhotoData, prior: _Prior | None
+    ) -> LabelResult:
+        """`_label_one`, unless a job of the same call has failed: then end as cancelled, asking nothing."""
+        if stop.is_set():
+            raise CancelledError
+        try:
+            return self._label_one(sha, image, prior)
+        except BaseException:
+            stop.set()
+            raise
 
     def _pool(self) -> ThreadPoolExecutor:
         """One pool per Teacher, so `num_workers` bounds all concurrent calls together."""
