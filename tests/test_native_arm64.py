@@ -5,8 +5,10 @@ under qemu-aarch64, against `elemental classify` on this x86 machine.
 one libggml-cpu-<variant>.so per ARM level, loaded at run time as from an APK's nativeLibraryDir). Here:
 - each emulated CPU loads its own backend variant (`--print-backend`), and ARM's weight repacking really runs;
 - the phone default (repacking on) gives `elemental classify`'s label on every val photo at 512, 384 and 256 px,
-  |Δp| ≤ 5e-3 end to end at 512 px (at 384 and 256 px within the measured ARM_GAP: not yet the promise), and so
+  |Δp| ≤ 5e-3 end to end at 512 px (at 384 and 256 px within the measured ARM_GAP: not the promise), and so
   do cortex-a53 and max at 512 px; every CPU with repacking on and off on a few photos at every geometry;
+- with an F16 text model, ARM64 answers as the x86 build within 5e-3 at 384 and 256 px: the Q8_0 activations make
+  the instruction set's share of the gap, not the ARM kernels as such;
 - Q4_0, the type llama.cpp repacks for ARM, measured against HF and Q8_0;
 - bad input ends as one `error:` line and exit 2 on ARM too, never a signal.
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import pytest
 from cli_process import elemental
-from test_native import BAD_EXPORTS, END_TO_END, _copy, _text_file, lines, max_dp
+from test_native import BAD_EXPORTS, END_TO_END, _copy, _text_file, lines, max_dp, run
+from test_native import CLI as X86_CLI
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ARM64 = ROOT / "build" / "native-arm64"
 CLI = ARM64 / "bin" / "elemental-native-classify"
 SYSROOT = "/usr/aarch64-linux-gnu"
-# END_TO_END (test_native): the promise, the phone answers as `elemental classify`; met on ARM64 at 512 px.
-# Not met yet at 384 and 256 px: on identical pixels ARM64 and x86 differ by up to 1.0e-2 in probability there (every
-# variant, cortex-a53's included; ggml's ARM kernels, not the decoder), the labels never (README, "The phone's CPU").
-# This bound guards that gap from growing; issue 19 stays open until END_TO_END holds at every geometry.
+# END_TO_END (test_native): the promise, the phone answers as `elemental classify`; met on ARM64 at 512 px. Not met
+# at 384 and 256 px with the Q8_0 text model: ARM64 differs from classify by up to 6.7e-3 and 9.3e-3 on a borderline
+# photo (p ~ 0.57), the labels never. Two parts, measured on the val JPEGs: the instruction set (ARM64 vs the x86
+# build of the same library: 1.1e-2 and 9.4e-3; cortex-a53, which computes in fp32 as x86 does, 7.8e-3 on PNGs) and
+# the JPEG decoder (the native stb_image vs classify's Pillow: 4.3e-3 at 384 px; issue 24). The instruction-set part
+# is the Q8_0 text model's 8-bit activations turning last-bit differences into rounding flips: with an F16 text model
+# it is 1.6e-3 and 1.4e-4 (test below). This bound guards the gap from growing.
 ARM_GAP = 2e-2
 # Three emulated CPUs that pick different backend variants: plain ARMv8.0 (an old phone's Cortex-A53), ARMv8.2
 # with dotprod and fp16 (Cortex-A76-class, the phone default here), and QEMU's everything (i8mm, SVE, SVE2, SME)
@@ -148,6 +154,32 @@ def test_other_cpus_and_repack_off_answer_alike(cpu, repack, edge, exports, val_
     delta = max_dp(ours, theirs)
     print(f"ARM64 ({cpu}, repack {repack}) vs x86, {edge} px, {len(ours)} photos: max |Δp| {delta:.2e}")
     assert delta <= bound(edge)
+
+
+@pytest.mark.parametrize("edge", EDGES[1:])
+def test_arm_kernels_answer_as_x86_where_the_text_model_is_not_quantized(edge, trained_at, val_photos, tmp_path):
+    """Where ARM_GAP comes from: the Q8_0 text model's 8-bit activations, not the ARM kernels as such.
+
+    The same trained model exported with an F16 text model (and the default F16 mmproj), ARM64 on the phone default
+    against the x86 build of the same library on the same JPEGs (same decoder: only the instruction set differs):
+    within END_TO_END on every val photo at 384 and 256 px (measured 1.6e-3 and 1.4e-4). With Q8_0 the same
+    comparison gives 1.1e-2 and 9.4e-3: llama.cpp rounds the text model's activations to 8 bits before each
+    matmul, so last-bit differences upstream (fp16 accumulation on ARM, summation order) flip roundings.
+    """
+    from elemental.config import TaskConfig
+    from elemental.export.gguf import export_gguf
+    from elemental.task import Task
+
+    gguf = tmp_path / "gguf"
+    export_gguf(trained_at(edge) / "run" / "final", gguf, Task.from_config(TaskConfig()), quants=("F16",))
+    theirs = lines(run(X86_CLI, "--quant", "F16", gguf, *val_photos))
+    ours = lines(qemu(PHONE, "--quant", "F16", gguf, *val_photos))
+    assert len(ours) == len(val_photos) and ours.keys() == theirs.keys()
+    assert {k: o["label"] for k, o in ours.items()} == {k: t["label"] for k, t in theirs.items()}
+    delta = max_dp(ours, theirs)
+    print(f"ARM64 ({PHONE}, repack on) vs the x86 native build, F16 text, {edge} px, {len(ours)} val JPEGs: "
+          f"same labels, max |Δp| {delta:.2e}")
+    assert delta <= END_TO_END
 
 
 # -- Q4_0: the type ARM repacks ---------------------------------------------------------------------------
