@@ -14,9 +14,10 @@ the photo's decode (a 1024x768 JPEG, already at the pre-shrink bound, a small sh
 preprocessing, the vision encode, the prefill and the label scoring.
 
 Emulating the whole model is slow where the variant computes in fp16 (qemu does that in software): one 256-px
-photo with the F16 mmproj took 10 minutes on a 2-core AVX512/AMX Xeon, so the 12 configurations take hours
-(`--full` does that). By default the count is taken from the same model cut to its first layers instead: the
-layers of each tower have one shape, so each adds the same instructions, and a photo's count is
+photo with the F16 mmproj took 10 minutes (beside other work) on a 2-core AVX512/AMX Xeon, so the 12
+configurations take hours (`--full` does that). By default the count is taken from the same model cut to its
+first layers instead: the layers of each tower have one shape, so each adds the same instructions, and a photo's
+count is
     C(1, 1) + (V - 1) * [C(2, 1) - C(1, 1)] + (T - 1) * [C(1, 2) - C(1, 1)]
 where C(v, t) is the count with v vision and t text layers and V, T the model's own (12 and 30). C(1, 1) is
 counted for every configuration; the vision slope once per geometry and mmproj type (the text type does not
