@@ -91,17 +91,16 @@ def first_write(counts: Path) -> int:
     raise SystemExit(f"error: {counts}: the program wrote nothing to its standard output")
 
 
-def photo_cost(plugin: Path, cpu: str, gguf: Path, quant: str, photo: Path, work: Path) -> tuple[int, int, dict]:
-    """(instructions of one photo, of opening the export, the answer line)."""
-    common = ["--threads", "1", "--repack", "on", "--quant", quant]
-    opened = run_counted(plugin, cpu, [CLI, *common, "--print-backend", gguf], work / "open.txt")
-    if opened.returncode != 0:
-        raise SystemExit(f"error: opening {gguf} under qemu failed: {opened.stderr.strip()[-500:]}")
-    answered = run_counted(plugin, cpu, [CLI, *common, gguf, photo], work / "photo.txt")
-    if answered.returncode != 0:
-        raise SystemExit(f"error: classifying under qemu failed: {answered.stderr.strip()[-500:]}")
-    open_cost = first_write(work / "open.txt")
-    return first_write(work / "photo.txt") - open_cost, open_cost, json.loads(answered.stdout.splitlines()[0])
+def photo_cost(plugin: Path, cpu: str, gguf: Path, quant: str, photo: Path, work: Path) -> int:
+    """The instructions of one photo: answering it minus opening the export."""
+    counts = {}
+    for step, args in (("open", ["--print-backend", gguf]), ("photo", [gguf, photo])):
+        res = run_counted(plugin, cpu, [CLI, "--threads", "1", "--repack", "on", "--quant", quant, *args],
+                          work / f"{step}.txt")
+        if res.returncode != 0:
+            raise SystemExit(f"error: {step} of {gguf} under qemu failed: {res.stderr.strip()[-500:]}")
+        counts[step] = first_write(work / f"{step}.txt")
+    return counts["photo"] - counts["open"]
 
 
 def layers(model: Path) -> tuple[int, int]:
@@ -190,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building the SmolVLM2-256M-shaped model (real SmolLM2-135M) in {model} ...", flush=True)
         build_realistic_256m(model, seed=args.seed)
     depth = layers(model)
-    args.full = args.full or min(depth) < 2  # a tower of one layer has no slope to measure: count it whole
-    todo, cheapest = plan(edges, texts, mmprojs, depth, args.full)
+    full = args.full or min(depth) < 2  # a tower of one layer has no slope to measure: count it whole
+    todo, cheapest = plan(edges, texts, mmprojs, depth, full)
     exports = {}
     for d, configs in todo.items():
         # The whole model's exports live in the work folder itself, each cut model's in a folder of its own;
@@ -220,22 +219,22 @@ def main(argv: list[str] | None = None) -> int:
             for config in configs:
                 edge, text, mmproj = config
                 t = time.time()
-                counts[d, config] = photo_cost(plugin, args.cpu, exports[d, (edge, mmproj)], text, photo, work)[0]
+                counts[d, config] = photo_cost(plugin, args.cpu, exports[d, (edge, mmproj)], text, photo, work)
                 print(f"  {d[0]} vision + {d[1]} text layers, {edge} px, text {text}, mmproj {mmproj}: "
                       f"{counts[d, config] / 1e9:.2f} G instructions per photo ({time.time() - t:.0f} s emulated)",
                       flush=True)
     _, cheap_text, cheap_mmproj = cheapest
-    whole = {c: counts[depth, c] for c in todo[depth]} if args.full else {
+    whole = {c: counts[depth, c] for c in todo[depth]} if full else {
         c: extrapolate(counts, c, depth, cheap_text, cheap_mmproj) for c in todo[1, 1]}
     base = whole[DEFAULT]
-    how = "counted" if args.full else "extrapolated from the cut models"
+    how = "counted" if full else "extrapolated from the cut models"
     print(f"\nARM64 instructions per photo, {model.name} ({how}), QEMU_CPU={args.cpu} ({variant}), 1 thread, "
           f"repacking on ({time.time() - t0:.0f} s)")
     print(f"{'px':>4} {'text':>5} {'mmproj':>6} {'G insns':>8} {'ratio':>6}")
     for (edge, text, mmproj), n in whole.items():
         print(f"{edge:>4} {text:>5} {mmproj:>6} {n / 1e9:>8.2f} {n / base:>6.2f}")
     print(f"ratio: instructions per photo / the {DEFAULT[0]}-px {DEFAULT[1]}/{DEFAULT[2]} default's, same run")
-    if not args.full:
+    if not full:
         counted, guessed = counts[depth, cheapest], whole[cheapest]
         print(f"check: the whole model at {cheapest[0]} px, text {cheap_text}, mmproj {cheap_mmproj}: counted "
               f"{counted / 1e9:.3f} G, extrapolated {guessed / 1e9:.3f} G ({guessed / counted - 1:+.2%})")

@@ -65,6 +65,15 @@ def bound(edge: int) -> float:
     return END_TO_END if edge == 512 else ARM_GAP
 
 
+def export_text_as(model: Path, out: Path, quant: str) -> dict:
+    """`model` exported with the text model at `quant` only (and the default mmproj); its manifest."""
+    from elemental.config import TaskConfig
+    from elemental.export.gguf import export_gguf
+    from elemental.task import Task
+
+    return export_gguf(model, out, Task.from_config(TaskConfig()), quants=(quant,))
+
+
 def backend(cpu: str, *args: str | Path) -> dict:
     res = qemu(cpu, *args, "--print-backend")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -166,12 +175,8 @@ def test_arm_kernels_answer_as_x86_where_the_text_model_is_not_quantized(edge, t
     comparison gives 1.1e-2 and 9.4e-3: llama.cpp rounds the text model's activations to 8 bits before each
     matmul, so last-bit differences upstream (fp16 accumulation on ARM, summation order) flip roundings.
     """
-    from elemental.config import TaskConfig
-    from elemental.export.gguf import export_gguf
-    from elemental.task import Task
-
     gguf = tmp_path / "gguf"
-    export_gguf(trained_at(edge) / "run" / "final", gguf, Task.from_config(TaskConfig()), quants=("F16",))
+    export_text_as(trained_at(edge) / "run" / "final", gguf, "F16")
     theirs = lines(run(X86_CLI, "--quant", "F16", gguf, *val_photos))
     ours = lines(qemu(PHONE, "--quant", "F16", gguf, *val_photos))
     assert len(ours) == len(val_photos) and ours.keys() == theirs.keys()
@@ -185,12 +190,7 @@ def test_arm_kernels_answer_as_x86_where_the_text_model_is_not_quantized(edge, t
 # -- Q4_0: the type ARM repacks ---------------------------------------------------------------------------
 
 def test_q4_0_on_arm_against_hf_and_q8_0(demo_dir, val_photos, on_x86, tmp_path):
-    from elemental.config import TaskConfig
-    from elemental.export.gguf import export_gguf
-    from elemental.task import Task
-
-    manifest = export_gguf(demo_dir / "run" / "final", tmp_path / "gguf", Task.from_config(TaskConfig()),
-                           quants=("Q4_0",))
+    manifest = export_text_as(demo_dir / "run" / "final", tmp_path / "gguf", "Q4_0")
     assert [f["quant"] for f in manifest["files"].values() if f["role"] == "text"] == ["Q4_0"]
     b = backend(PHONE, "--quant", "Q4_0", tmp_path / "gguf")
     assert "CPU_REPACK" in b["weight_buffers"], b
