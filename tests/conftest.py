@@ -1,10 +1,12 @@
-"""Shared fixtures: the default task and a tiny SmolVLM built once per test session."""
+"""Shared fixtures: the default task, a tiny SmolVLM built once per test session, the demo and its val photos."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from elemental.config import TaskConfig
@@ -63,3 +65,26 @@ def trained_at(demo_dir, tmp_path_factory):
         return made[edge]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def val_photos(demo_dir) -> list[Path]:
+    """The demo's val JPEGs (the phone-side tests classify them natively and against `elemental classify`)."""
+    val = json.loads((demo_dir / "dataset/val.json").read_text())
+    return [demo_dir / "dataset" / r["image_path"] for r in val]
+
+
+@pytest.fixture(scope="session")
+def png_photos(val_photos, tmp_path_factory) -> list[Path]:
+    """The val photos decoded by Pillow and saved losslessly, plus a 3000x2000 photo the pre-shrink must bring down."""
+    from elemental.images import open_image
+    from elemental.synthetic import synthetic_photo
+
+    folder = tmp_path_factory.mktemp("png")
+    out = []
+    for p in val_photos:
+        out.append(folder / f"{p.stem}.png")
+        open_image(p).save(out[-1])
+    out.append(folder / "large-3000x2000.png")
+    synthetic_photo("fire", np.random.default_rng(7), size=(3000, 2000)).save(out[-1])
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,25 +58,6 @@ def python_classify(model: Path, photos: list[Path], cwd: Path) -> dict[str, dic
 def max_dp(a: dict[str, dict], b: dict[str, dict]) -> float:
     assert a.keys() == b.keys()
     return max(abs(a[k]["probabilities"][lab] - b[k]["probabilities"][lab]) for k in a for lab in a[k]["probabilities"])
-
-
-@pytest.fixture(scope="module")
-def val_photos(demo_dir) -> list[Path]:
-    val = json.loads((demo_dir / "dataset/val.json").read_text())
-    return [demo_dir / "dataset" / r["image_path"] for r in val]
-
-
-@pytest.fixture(scope="module")
-def png_photos(val_photos, tmp_path_factory) -> list[Path]:
-    """The val photos decoded by Pillow and saved losslessly, plus a 3000x2000 photo the pre-shrink must bring down."""
-    folder = tmp_path_factory.mktemp("png")
-    out = []
-    for p in val_photos:
-        out.append(folder / f"{p.stem}.png")
-        open_image(p).save(out[-1])
-    out.append(folder / "large-3000x2000.png")
-    synthetic_photo("fire", np.random.default_rng(7), size=(3000, 2000)).save(out[-1])
-    return out
 
 
 # -- the native CLI against `elemental classify` --------------------------------------------------------
@@ -256,6 +238,70 @@ def test_print_backend_names_the_linked_cpu_backend_and_where_weights_land(demo_
     assert b["backend"] == "CPU" and b["variant"] == "linked" and Path(b["library"]).name.startswith("libggml-cpu")
     assert b["features"] and all(isinstance(v, str) for v in b["features"].values())
     assert b["weight_buffers"] and isinstance(b["repack"], bool) and b["threads"] >= 1
+
+
+def _backend(*args: str | Path) -> dict:
+    res = run(CLI, "--print-backend", *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)
+
+
+def test_open_hashes_each_file_once_then_trusts_the_stamp_until_the_file_changes(demo_dir, tmp_path):
+    """A phone hashing hundreds of MB at every start is slow: the sha256 is checked once, then verified.json vouches."""
+    export = tmp_path / "gguf"
+    shutil.copytree(demo_dir / "gguf", export, ignore=shutil.ignore_patterns("verified.json"))
+    files = json.loads((export / "manifest.json").read_text())["files"]
+    text = next(n for n, f in files.items() if f["role"] == "text")
+    mmproj = next(n for n, f in files.items() if f["role"] == "mmproj")
+    assert sorted(_backend(export)["hashed"]) == sorted([text, mmproj])  # the first open hashes both
+    stamp = json.loads((export / "verified.json").read_text())
+    assert stamp["format"] == 1 and stamp["files"].keys() == {text, mmproj}
+    for name, entry in stamp["files"].items():
+        st = (export / name).stat()
+        assert entry == {"size": st.st_size, "mtime_ms": st.st_mtime_ns // 1_000_000, "sha256": files[name]["sha256"]}
+    assert _backend(export)["hashed"] == []  # later opens trust the stamp
+    st = (export / text).stat()
+    os.utime(export / text, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # touched: same bytes, new time
+    assert _backend(export)["hashed"] == [text]
+    assert _backend(export)["hashed"] == []
+    stamp = json.loads((export / "verified.json").read_text())
+    stamp["files"][mmproj]["sha256"] = "0" * 64  # a stamp vouching for another digest is not believed
+    (export / "verified.json").write_text(json.dumps(stamp))
+    assert _backend(export)["hashed"] == [mmproj]
+    data = bytearray((export / mmproj).read_bytes())  # changed bytes, same size, a new time: caught
+    data[-1] ^= 0xFF
+    (export / mmproj).write_bytes(bytes(data))
+    res = run(CLI, "--print-backend", export)
+    assert res.returncode == 2 and f"{mmproj}: sha256" in res.stderr
+    assert mmproj not in json.loads((export / "verified.json").read_text())["files"]
+
+
+def _cpu_sysfs(root: Path, top_khz: list[int], offline: tuple[int, ...] = ()) -> Path:
+    """A /sys/devices/system/cpu tree as Linux writes it for `top_khz` (cpuinfo_max_freq per CPU)."""
+    for i, khz in enumerate(top_khz):
+        cpu = root / f"cpu{i}"
+        (cpu / "cpufreq").mkdir(parents=True)
+        (cpu / "cpufreq/cpuinfo_max_freq").write_text(f"{khz}\n")
+        if i:
+            (cpu / "online").write_text("0\n" if i in offline else "1\n")
+    (root / "cpufreq").mkdir(parents=True, exist_ok=True)  # siblings that are not CPUs
+    (root / "online").write_text(f"0-{max(len(top_khz) - 1, 0)}\n")
+    return root
+
+
+@pytest.mark.parametrize("top_khz, offline, expected", [
+    ([1_800_000] * 4 + [2_800_000] * 3 + [3_200_000], (), 4),  # 4 little, 3 big, 1 prime: the 4 not little
+    ([1_700_000] * 6 + [2_200_000] * 2, (), 2),
+    ([1_800_000] * 4 + [2_400_000] * 4, (5,), 3),  # an offline big core does not count
+    ([2_000_000] * 8, (), 8),  # all alike: every core
+])
+def test_default_threads_are_the_big_cores(tmp_path, top_khz, offline, expected):
+    assert _backend("--cpu-sysfs", _cpu_sysfs(tmp_path / "cpu", top_khz, offline))["default_threads"] == expected
+
+
+def test_default_threads_without_cpufreq_are_every_core(tmp_path):
+    (tmp_path / "cpu/cpu0").mkdir(parents=True)
+    assert _backend("--cpu-sysfs", tmp_path / "cpu")["default_threads"] == os.cpu_count()
 
 
 # -- the Kotlin API through the JNI glue, in a JVM -------------------------------------------------------

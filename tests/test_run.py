@@ -84,6 +84,21 @@ def _run(work: Path, *flags: str, rc: int = 0) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
+def test_export_hash_is_what_ships_not_the_phone_librarys_stamp(tmp_path):
+    """The native library writes verified.json into an export folder it opens: that must not look like a new export."""
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"weights")
+    (folder / "manifest.json").write_text(json.dumps({"files": {"model.gguf": {"sha256": "..."}}}))
+    before = Hasher().export(folder)
+    (folder / "verified.json").write_text('{"format": 1, "files": {}}')
+    assert Hasher().export(folder) == before
+    (folder / "model.gguf").write_bytes(b"other weights")
+    assert Hasher().export(folder) != before
+    (folder / "manifest.json").write_text("not json")  # unreadable: the whole folder counts
+    assert Hasher().export(folder) == Hasher().tree(folder)
+
+
 def test_run_skips_what_is_up_to_date_and_reruns_what_changed(tmp_path, tiny_model_dir, task):
     write_synthetic_photos(tmp_path / "photos", task.labels, per_class=4, seed=11)
     _config(tmp_path, tiny_model_dir, max_steps=4)

@@ -10,11 +10,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include <dlfcn.h>
+#include "verified.h"
 
-extern "C" {
-#include "sha256/sha256.h"
-}
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,12 +23,11 @@ extern "C" {
 #include <fstream>
 #include <mutex>
 #include <sstream>
-#include <thread>
 
 namespace elemental {
 namespace {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;  // the manifest's files in their order: the first text GGUF is the default
 
 constexpr const char * kFormat = "elemental-gguf/1";
 constexpr const char * kManifest = "manifest.json";
@@ -138,37 +135,6 @@ std::string join(const std::string & folder, const std::string & name) {
     return folder.empty() || folder.back() == '/' ? folder + name : folder + "/" + name;
 }
 
-bool file_sha256(const std::string & path, std::string & hex, long long & size) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) {
-        return false;
-    }
-    sha256_t state;
-    sha256_init(&state);
-    std::vector<char> buf(1 << 20);
-    size = 0;
-    while (in) {
-        in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-        const std::streamsize n = in.gcount();
-        if (n > 0) {
-            sha256_update(&state, reinterpret_cast<const unsigned char *>(buf.data()), static_cast<size_t>(n));
-            size += n;
-        }
-    }
-    if (in.bad()) {
-        return false;
-    }
-    unsigned char digest[SHA256_DIGEST_SIZE];
-    sha256_final(&state, digest);
-    static const char * hexdigits = "0123456789abcdef";
-    hex.clear();
-    for (unsigned char b : digest) {
-        hex += hexdigits[b >> 4];
-        hex += hexdigits[b & 15];
-    }
-    return true;
-}
-
 // -- the CPU: AMX ------------------------------------------------------------------------------------
 
 // Whether this CPU may have AMX: its flags say so, or they cannot be read (assume the worst).
@@ -214,6 +180,7 @@ struct Manifest {
     bool first_token_scoring = true;
     int n_image_tokens = 0;
     int photo_max_side = 0;
+    int longest_edge = 0;  // the square side libmtmd brings a photo to
     std::vector<FileEntry> files;
 };
 
@@ -282,7 +249,12 @@ bool read_manifest(const std::string & folder, Manifest & m, Error & error) {
         !field(root, "image.n_image_tokens", m.n_image_tokens, path, error) ||
         !field(root, "image.overview_start_token", m.overview_start, path, error) ||
         !field(root, "image.photo_max_side", m.photo_max_side, path, error) ||
+        !field(root, "image.longest_edge", m.longest_edge, path, error) ||
         !field(root, "files", files, path, error)) {
+        return false;
+    }
+    if (m.longest_edge < 1 || m.photo_max_side < 1) {
+        error.message = path + ": image.longest_edge and image.photo_max_side must be positive";
         return false;
     }
     if (m.labels.size() < 2 || m.label_ids.size() != m.labels.size()) {
@@ -312,9 +284,10 @@ bool read_manifest(const std::string & folder, Manifest & m, Error & error) {
     return true;
 }
 
-// The export's file of `role` (and `quant`), present, of the manifest's size and sha256.
+// The export's file of `role` (and `quant`), present, of the manifest's size and sha256 (hashed unless
+// verified.json vouches for it; `hashed` collects the files this call hashed).
 bool checked_file(const std::string & folder, const Manifest & m, const std::string & role, const std::string & quant,
-                  std::string & path, Error & error) {
+                  detail::VerifiedStamp & stamp, std::string & path, std::vector<std::string> & hashed, Error & error) {
     const FileEntry * found = nullptr;
     std::string have;
     for (const auto & f : m.files) {
@@ -327,24 +300,17 @@ bool checked_file(const std::string & folder, const Manifest & m, const std::str
         }
     }
     if (!found) {
-        error.message = join(folder, kManifest) + " lists no " + role + " GGUF of type " + quant + "; it has [" + have + "]";
+        error.message = join(folder, kManifest) + " lists no " + role + " GGUF" + (quant.empty() ? "" : " of type " + quant) +
+                        "; it has [" + have + "]";
         return false;
     }
     path = join(folder, found->name);
-    std::string digest;
-    long long size = 0;
-    if (!file_sha256(path, digest, size)) {
-        error.message = "GGUF file missing or unreadable: " + path + " (listed in " + join(folder, kManifest) + ")";
+    bool did_hash = false;
+    if ((error = stamp.check(found->name, found->sha256, found->size, did_hash))) {
         return false;
     }
-    if (size != found->size) {
-        error.message = path + " is " + std::to_string(size) + " bytes, the manifest says " + std::to_string(found->size);
-        return false;
-    }
-    if (digest != found->sha256) {
-        error.message = path + ": sha256 " + digest.substr(0, 12) + "... differs from " + join(folder, kManifest) +
-                        " (file changed or from another export; copy the export again)";
-        return false;
+    if (did_hash) {
+        hashed.push_back(found->name);
     }
     return true;
 }
@@ -383,6 +349,7 @@ struct Classifier::Impl {
     const llama_vocab * vocab = nullptr;
     std::vector<llama_token> overview_start;
     std::vector<std::string> weight_buffers;
+    std::vector<std::string> hashed_files;
     bool repack = true;
     int n_threads = 1;
     int n_batch = 0;
@@ -538,19 +505,29 @@ Classifier::Classifier(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Classifier::~Classifier() = default;
 
 const std::vector<std::string> & Classifier::labels() const { return impl_->manifest.labels; }
+int Classifier::photo_max_side() const { return impl_->manifest.photo_max_side; }
 const std::vector<std::string> & Classifier::weight_buffers() const { return impl_->weight_buffers; }
 bool Classifier::repack() const { return impl_->repack; }
 int Classifier::n_threads() const { return impl_->n_threads; }
+const std::vector<std::string> & Classifier::hashed_files() const { return impl_->hashed_files; }
 
 std::unique_ptr<Classifier> Classifier::open(const std::string & folder, const Options & options, Error & error) {
     auto impl = std::make_unique<Impl>();
     Manifest & m = impl->manifest;
-    if (!read_manifest(folder, m, error) || !checked_file(folder, m, "text", options.quant, impl->text_path, error) ||
-        !checked_file(folder, m, "mmproj", "", impl->mmproj_path, error)) {
+    if (options.n_threads < 0 || options.n_threads > kMaxThreads) {
+        error.message = "threads must be 0 (the big cores) or 1.." + std::to_string(kMaxThreads) + ", not " +
+                        std::to_string(options.n_threads);
         return nullptr;
     }
-    const unsigned hw = std::thread::hardware_concurrency();
-    impl->n_threads = options.n_threads > 0 ? options.n_threads : static_cast<int>(hw ? hw : 1);
+    detail::VerifiedStamp stamp(folder);
+    if (!read_manifest(folder, m, error) ||
+        !checked_file(folder, m, "text", options.quant, stamp, impl->text_path, impl->hashed_files, error) ||
+        !checked_file(folder, m, "mmproj", "", stamp, impl->mmproj_path, impl->hashed_files, error)) {
+        stamp.save();  // a file that was verified stays verified, whatever the other one did
+        return nullptr;
+    }
+    stamp.save();
+    impl->n_threads = options.n_threads > 0 ? options.n_threads : default_threads();
     if ((error = init_llama(options.backend_dir))) {
         return nullptr;
     }
@@ -599,6 +576,18 @@ Error Classifier::classify(const uint8_t * rgb, size_t size, int width, int heig
                 std::to_string(height) + " RGB image (needs " + std::to_string(needed) + ")"};
     }
     const RgbImage photo = shrink_to(rgb, width, height, s.manifest.photo_max_side);
+    // libmtmd brings the long side to the model's image size (manifest image.longest_edge, the mmproj's
+    // preproc_image_size) and truncates the short one to an int (tools/mtmd/mtmd-image.cpp:1068/1072); at 0 px its
+    // resize throws (:447) and mtmd_tokenize fails with a log line. Refused here first, by elemental/classify/gguf.py's
+    // rule in its words and libmtmd's double arithmetic.
+    const int longest_edge = s.manifest.longest_edge;
+    const double aspect = static_cast<double>(photo.width) / photo.height;
+    const int short_side = photo.width >= photo.height ? static_cast<int>(longest_edge / aspect)
+                                                       : static_cast<int>(longest_edge * aspect);
+    if (short_side < 1) {
+        return {std::to_string(width) + "x" + std::to_string(height) + " photo is too wide or tall for the model: " +
+                "brought to " + std::to_string(longest_edge) + " px on its long side, its short side is under 1 px"};
+    }
 
     const mtmd::bitmap_ptr bitmap(mtmd_bitmap_init(static_cast<uint32_t>(photo.width),
                                                    static_cast<uint32_t>(photo.height), photo.pixels.data()));

@@ -4,12 +4,21 @@
 #define STB_IMAGE_STATIC  // libmtmd carries its own copy; keep ours private
 #include "stb/stb_image.h"
 
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <vector>
 
 namespace elemental::tools {
 namespace {
+
+namespace fs = std::filesystem;
+
+// elemental.images.DEFAULT_MAX_PIXELS: the photos `elemental classify` refuses to decode, refused here too.
+// stb_image has no reduced-scale JPEG decode, so the cap applies to the full size of every format.
+constexpr uint64_t kMaxPixels = 100'000'000;
 
 uint32_t read_u16(const unsigned char * p, bool little) {
     return little ? (p[0] | p[1] << 8) : (p[0] << 8 | p[1]);
@@ -28,14 +37,16 @@ int tiff_orientation(const unsigned char * tiff, size_t size) {
     if (!little && !(tiff[0] == 'M' && tiff[1] == 'M')) {
         return 1;
     }
-    const uint32_t ifd = read_u32(tiff + 4, little);
-    if (ifd + 2 > size) {
+    // The offset is the file's word: compare it against what is left, never add to it first (an offset near
+    // 0xFFFFFFFF would wrap a 32-bit sum back into range and point 4 GiB past the block).
+    const uint64_t ifd = read_u32(tiff + 4, little);
+    if (ifd > size || size - ifd < 2) {
         return 1;
     }
-    const uint32_t entries = read_u16(tiff + ifd, little);
-    for (uint32_t i = 0; i < entries; i++) {
-        const size_t at = ifd + 2 + 12 * static_cast<size_t>(i);
-        if (at + 12 > size) {
+    const uint64_t entries = read_u16(tiff + ifd, little);
+    for (uint64_t i = 0; i < entries; i++) {
+        const uint64_t at = ifd + 2 + 12 * i;  // ifd <= size and i < 65536: far from overflowing
+        if (at > size || size - at < 12) {
             return 1;
         }
         if (read_u16(tiff + at, little) == 0x0112) {
@@ -44,6 +55,63 @@ int tiff_orientation(const unsigned char * tiff, size_t size) {
         }
     }
     return 1;
+}
+
+// Whether a JPEG stops before its end-of-image marker. stb_image decodes such a file anyway, the missing
+// scan data grey; Pillow (elemental classify) refuses it as truncated, and so does this tool. In entropy-coded
+// data a 0xFF byte is always stuffed (FF 00) or a restart marker, so FF D9 after the scan header is the end.
+bool jpeg_truncated(const unsigned char * data, size_t size) {
+    size_t at = 2;
+    while (at + 4 <= size) {
+        if (data[at] != 0xFF) {
+            return false;  // no marker where one belongs: the decoder's verdict, not ours
+        }
+        const unsigned marker = data[at + 1];
+        if (marker == 0xFF || marker == 0x01 || (marker >= 0xD0 && marker <= 0xD7)) {
+            at += marker == 0xFF ? 1 : 2;  // a fill byte, or a marker without a length
+            continue;
+        }
+        if (marker == 0xD9) {
+            return false;  // ends before any scan: the decoder says what is wrong
+        }
+        const size_t after = at + 2 + read_u16(data + at + 2, false);
+        if (marker == 0xDA) {  // start of scan
+            for (size_t i = after; i + 1 < size; i++) {
+                if (data[i] == 0xFF && data[i + 1] == 0xD9) {
+                    return false;
+                }
+            }
+            return true;
+        }
+        at = after;
+    }
+    return true;  // the file ends inside its headers
+}
+
+// Names the formats elemental classify reads but stb_image does not, so a refusal says what the file is.
+std::string format_stb_cannot_read(const std::vector<unsigned char> & d) {
+    const auto starts = [&](size_t at, const char * magic, size_t n) {
+        return d.size() >= at + n && std::equal(magic, magic + n, d.begin() + static_cast<std::ptrdiff_t>(at));
+    };
+    if (starts(0, "RIFF", 4) && starts(8, "WEBP", 4)) {
+        return "WebP";
+    }
+    if (starts(0, "II*\0", 4) || starts(0, "MM\0*", 4)) {
+        return "TIFF";
+    }
+    if (starts(4, "ftyp", 4)) {  // ISO-BMFF: the brand says which (the brands elemental.images knows)
+        for (const char * brand : {"avif", "avis"}) {
+            if (starts(8, brand, 4)) {
+                return "AVIF";
+            }
+        }
+        for (const char * brand : {"heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs", "mif1", "msf1"}) {
+            if (starts(8, brand, 4)) {
+                return "HEIF/HEIC";
+            }
+        }
+    }
+    return "";
 }
 
 }  // namespace
@@ -104,20 +172,57 @@ RgbImage apply_orientation(const RgbImage & in, int orientation) {
 }
 
 bool load_photo(const std::string & path, RgbImage & out, std::string & error) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) {
+    std::error_code ec;
+    if (!fs::is_regular_file(path, ec)) {
         error = "photo not found: " + path;
         return false;
     }
-    const std::vector<unsigned char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (data.empty()) {
+    const uintmax_t bytes = fs::file_size(path, ec);
+    if (ec) {
+        error = path + ": cannot read (" + ec.message() + ")";
+        return false;
+    }
+    if (bytes == 0) {
         error = path + ": empty file (0 bytes), not an image";
         return false;
     }
+    if (bytes > static_cast<uintmax_t>(INT_MAX)) {  // stb_image takes the length as an int
+        error = path + ": " + std::to_string(bytes) + " bytes, over the " + std::to_string(INT_MAX) +
+                " bytes stb_image can read";
+        return false;
+    }
+    std::vector<unsigned char> data(static_cast<size_t>(bytes));
+    std::ifstream in(path, std::ios::binary);
+    if (!in.read(reinterpret_cast<char *>(data.data()), static_cast<std::streamsize>(data.size()))) {
+        error = path + ": cannot read (" + std::to_string(in.gcount()) + " of " + std::to_string(bytes) + " bytes)";
+        return false;
+    }
+    const int length = static_cast<int>(data.size());
+    const std::string stb_reads = "; stb_image reads JPEG, PNG, BMP, GIF)";
     int w = 0, h = 0, channels = 0;
-    unsigned char * pixels = stbi_load_from_memory(data.data(), static_cast<int>(data.size()), &w, &h, &channels, 0);
+    // The header's size first: a small file can declare gigapixels, which stb_image would try to allocate.
+    if (!stbi_info_from_memory(data.data(), length, &w, &h, &channels)) {
+        const std::string format = format_stb_cannot_read(data);
+        error = path + ": not a readable image (" +
+                (format.empty() ? std::string(stbi_failure_reason()) : format + " is not a format this tool decodes") +
+                stb_reads;
+        return false;
+    }
+    const uint64_t pixels_declared = static_cast<uint64_t>(w) * static_cast<uint64_t>(h);
+    if (pixels_declared > kMaxPixels) {
+        char mpx[64];
+        std::snprintf(mpx, sizeof mpx, "%.0f Mpx, over the limit of %.0f Mpx", pixels_declared / 1e6, kMaxPixels / 1e6);
+        error = path + ": " + std::to_string(w) + "x" + std::to_string(h) + " = " + mpx;
+        return false;
+    }
+    const bool jpeg = data.size() > 2 && data[0] == 0xFF && data[1] == 0xD8;
+    if (jpeg && jpeg_truncated(data.data(), data.size())) {
+        error = path + ": not a readable image (truncated or corrupt file: the JPEG ends before its end-of-image marker)";
+        return false;
+    }
+    unsigned char * pixels = stbi_load_from_memory(data.data(), length, &w, &h, &channels, 0);
     if (!pixels) {
-        error = path + ": not a readable image (" + stbi_failure_reason() + "; stb_image reads JPEG, PNG, BMP, GIF)";
+        error = path + ": not a readable image (" + stbi_failure_reason() + stb_reads;
         return false;
     }
     RgbImage image;
@@ -135,7 +240,6 @@ bool load_photo(const std::string & path, RgbImage & out, std::string & error) {
         }
     }
     stbi_image_free(pixels);
-    const bool jpeg = data.size() > 2 && data[0] == 0xFF && data[1] == 0xD8;
     out = jpeg ? apply_orientation(image, jpeg_exif_orientation(data.data(), data.size())) : image;
     return true;
 }

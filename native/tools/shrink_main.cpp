@@ -3,8 +3,8 @@
 #include "elemental/classifier.h"
 #include "photo.h"
 
+#include <charconv>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 
 int main(int argc, char ** argv) {
@@ -12,13 +12,21 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "error: usage: elemental-native-shrink PHOTO OUT.ppm [MAX_SIDE]\n");
         return 2;
     }
+    int max_side = 1024;
+    if (argc > 3) {  // strictly: atoi would turn "abc" into 0, a size shrink_to cannot make
+        const std::string text = argv[3];
+        const auto [stop, ec] = std::from_chars(text.data(), text.data() + text.size(), max_side);
+        if (ec != std::errc() || stop != text.data() + text.size() || max_side < 1) {
+            std::fprintf(stderr, "error: MAX_SIDE must be a whole number of pixels from 1, not '%s'\n", argv[3]);
+            return 2;
+        }
+    }
     elemental::RgbImage photo;
     std::string error;
     if (!elemental::tools::load_photo(argv[1], photo, error)) {
         std::fprintf(stderr, "error: %s\n", error.c_str());
         return 2;
     }
-    const int max_side = argc > 3 ? std::atoi(argv[3]) : 1024;
     const elemental::RgbImage out = elemental::shrink_to(photo.pixels.data(), photo.width, photo.height, max_side);
     FILE * f = std::fopen(argv[2], "wb");
     if (!f) {

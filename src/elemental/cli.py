@@ -366,7 +366,12 @@ def classify(
     quant: Annotated[str | None, typer.Option("--quant", help="GGUF text model quant to use (default: the "
                                               "first one exported).")] = None,
 ) -> None:
-    """Classify photos: one JSON line per photo with the label, probabilities and milliseconds."""
+    """Classify photos: one JSON line per photo with the label, probabilities and milliseconds.
+
+    A photo that fails on its own (it does not decode, it is over the pixel cap, too wide or tall for the model)
+    gets a line {"path", "error"} in its place and an `error:` line on stderr; the others are classified, and the
+    exit code is 2 once all are done. The native CLI (the phone's code) does the same, line for line.
+    """
     from .images import PHOTO_MAX_SIDE, open_image
     from .lineage import evaluation_task
     from .pipeline import open_classifier
@@ -375,10 +380,20 @@ def classify(
     paths = _photo_paths(photos)
     clf = open_classifier(model_path, evaluation_task(model_path, task, backend, lora_path), backend, lora_path,
                           quant=quant)  # at the geometry the model was trained at
+    failed = False
     for p in paths:
-        pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
+        try:
+            pred = clf.classify(open_image(p, max_side=PHOTO_MAX_SIDE))  # decoded as `prepare` decodes
+        except ElementalError as e:
+            message = str(e) if str(e).startswith(str(p)) else f"{p}: {e}"
+            print(json.dumps({"path": str(p), "error": message}), flush=True)
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            failed = True
+            continue
         print(json.dumps({"path": str(p), "label": pred.label, "top_k": pred.top_k(top_k),
                           "probabilities": pred.probabilities, "ms": round(pred.ms, 2)}), flush=True)
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command()

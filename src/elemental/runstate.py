@@ -71,6 +71,17 @@ class Hasher:
                 h.update(f"{p.relative_to(root).as_posix()}\0{self.file(p)}\n".encode())
         return h.hexdigest()
 
+    def export(self, folder: Path) -> str:
+        """An export folder by what it ships: manifest.json and the files it lists. The phone library records its
+        sha256 checks in verified.json beside them (native/src/verified.h); that stamp changes no answer, so
+        classifying with the native CLI must not make the next run redo export and evaluate."""
+        manifest = Path(folder) / "manifest.json"
+        try:
+            names = tuple(json.loads(manifest.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.tree(folder)  # no readable manifest: the whole folder, so any change shows
+        return self.tree(folder, ("manifest.json", *names))
+
     def model(self, name_or_path: str | Path) -> str:
         """A local model folder by content; a hub id by its name (its files are the hub's to version)."""
         p = Path(name_or_path)
@@ -121,7 +132,7 @@ def stage_inputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, Any]:
         if "hf" in cfg.evaluate.backends:
             inputs["model"] = h.tree(cfg.merged_model_dir())
         if "gguf" in cfg.evaluate.backends:
-            inputs["gguf"] = h.tree(cfg.export.output_dir)
+            inputs["gguf"] = h.export(cfg.export.output_dir)
         return inputs
     raise ValueError(name)
 
@@ -139,7 +150,7 @@ def stage_outputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, str]:
     if name == "merge":
         return {"final": h.tree(cfg.merged_model_dir())}
     if name == "export":
-        return {"gguf": h.tree(cfg.export.output_dir)}
+        return {"gguf": h.export(cfg.export.output_dir)}
     if name == "evaluate":
         return {b: h.file(default_results_path(cfg, b)) for b in cfg.evaluate.backends}
     raise ValueError(name)

@@ -34,10 +34,22 @@ enum class Repack {
     Off,   // off (llama.cpp's --no-repack)
 };
 
+// The most threads llama.cpp computes with (ggml's GGML_MAX_N_THREADS); more is an error, not a crash.
+constexpr int kMaxThreads = 512;
+
+// The thread count a classifier gets by default: the CPU's big cores. ggml splits every matrix multiplication
+// evenly over its threads and waits for the slowest, so on a phone's big.LITTLE CPU the little cores would hold
+// the big ones back; the cores with the lowest top frequency (cpufreq's cpuinfo_max_freq) are left out. Where
+// all cores are alike, or cpufreq is not readable (desktop VMs, emulators), every online core. `cpu_dir` is
+// where Linux describes the CPUs (a parameter so tests can describe a phone's).
+int default_threads(const std::string & cpu_dir = "/sys/devices/system/cpu");
+
 struct Options {
-    int n_threads = 0;           // 0: one per hardware thread
+    int n_threads = 0;           // 0: default_threads(); else 1..kMaxThreads
     Repack repack = Repack::Auto;
-    std::string quant = "Q8_0";  // which text GGUF of the export to load
+    // Which text GGUF of the export to load ("Q8_0", "Q4_0", ...); empty: the first one the manifest lists, as
+    // `elemental classify` picks without --quant.
+    std::string quant;
     // Only for a llama.cpp built with GGML_BACKEND_DL (the Android module and `make native-arm64` are): the
     // folder holding its libggml-cpu-<variant>.so, e.g. the app's nativeLibraryDir; the best variant for this
     // CPU is loaded from it. Empty: found next to the executable. Ignored by a build with backends linked in.
@@ -78,8 +90,8 @@ RgbImage shrink_to(const uint8_t * rgb, int width, int height, int max_side);
 
 class Classifier {
 public:
-    // Opens an export folder: checks manifest.json (format, fields), every file's size and sha256,
-    // loads the text model and the projector, checks that llama.cpp tokenizes the prompt as the
+    // Opens an export folder: checks manifest.json (format, fields), every file's size and sha256 (hashing
+    // only files that verified.json does not vouch for, then recording them there: see verified.h), loads the text model and the projector, checks that llama.cpp tokenizes the prompt as the
     // export recorded, and decodes the instruction once. Returns nullptr and sets `error` on failure.
     static std::unique_ptr<Classifier> open(const std::string & folder, const Options & options, Error & error);
 
@@ -92,9 +104,14 @@ public:
     Error classify(const uint8_t * rgb, size_t size, int width, int height, Prediction & out);
 
     const std::vector<std::string> & labels() const;
+    // The long side classify() brings a photo down to first (manifest image.photo_max_side): an app decoding a
+    // JPEG may decode it at reduced scale down to this (draft scale), as the desktop does.
+    int photo_max_side() const;
     // Where the text model's weights live, as llama.cpp reported them at load ("CPU_Mapped", ...).
     const std::vector<std::string> & weight_buffers() const;
     bool repack() const;     // whether weight repacking ended up on
+    // The export's files whose sha256 this open computed; the others were vouched for by verified.json.
+    const std::vector<std::string> & hashed_files() const;
     int n_threads() const;
 
     struct Impl;

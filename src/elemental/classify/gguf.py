@@ -81,6 +81,25 @@ def _checked_sha256(path: Path, manifest: dict) -> str:
     return digest
 
 
+def check_libmtmd_shape(photo: tuple[int, int], model_input: tuple[int, int], longest_edge: int) -> None:
+    """Refuse a photo too wide or tall for libmtmd, before libmtmd sees it, in one line.
+
+    libmtmd's SmolVLM preprocessing brings the long side of `model_input` (the pre-shrunk photo) to
+    `longest_edge` and truncates the short side to an int (llama.cpp tools/mtmd/mtmd-image.cpp:1068/1072);
+    at 0 px its resize throws (:447) and mtmd_tokenize fails with a llama.cpp log line instead of a reason.
+    The arithmetic is libmtmd's, in doubles, so exactly the photos it would fail on are refused;
+    native/src/classifier.cpp refuses the same photos in the same words. HF's processor needs no such
+    rule: it keeps a short side of at least 1 px.
+    """
+    width, height = model_input
+    aspect = width / height
+    short_side = int(longest_edge / aspect) if width >= height else int(longest_edge * aspect)
+    if short_side < 1:
+        raise ElementalError(
+            f"{photo[0]}x{photo[1]} photo is too wide or tall for the model: brought to {longest_edge} px on its "
+            "long side, its short side is under 1 px")
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     top = float(logits.max())
     return logits - (top + math.log(float(np.exp(logits - top).sum())))
@@ -200,6 +219,7 @@ class GGUFClassifier:
         the pixels itself, so they are handed over without another copy.
         """
         photo = model_input(image)
+        check_libmtmd_shape(image.size, photo.size, self.longest_edge)
         rgb = photo if photo.mode == "RGB" else photo.convert("RGB")
         data = rgb.tobytes()
         pixels = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # `data` outlives the call
