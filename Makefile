@@ -104,7 +104,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch $(WHEELS)/build.json $(LLAMA_T
 LLAMA_SRC := $(VENV)/share/elemental/llama.cpp-src
 NATIVE := build/native
 LLAMA_LIB_DIR = $(shell $(PY) -c "import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib'))")
-KOTLIN_SOURCES := $(wildcard android/src/main/kotlin/org/elemental/*.kt) tests/jvm/ClassifyPhotos.kt
+KOTLIN_SOURCES := $(wildcard android/src/main/kotlin/org/elemental/*.kt) tests/jvm/ClassifyPhotos.kt tests/jvm/ModelStoreMain.kt
 
 $(LLAMA_SRC)/.stamp: $(SDIST) | $(PY)
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
@@ -118,10 +118,19 @@ native: system-deps install $(LLAMA_SRC)/.stamp
 	cmake --build $(NATIVE) -j $(JOBS)
 	$(MAKE) --no-print-directory $(NATIVE)/elemental-jvm.jar
 
-# The Kotlin API and a desktop caller, for the JVM test (tests/test_native.py).
+# The Kotlin API and desktop callers, for the JVM tests, in one jar with the Kotlin runtime and the two libraries the
+# module uses: kotlinx-coroutines (Debian's libkotlinx-coroutines-java, with the atomicfu it needs at run time: the
+# API is suspend functions) and org.json (part of Android; on the desktop Debian's libandroid-json-java, Android's
+# own implementation).
+COROUTINES_JAR := /usr/share/java/kotlinx-coroutines-core.jar
+ATOMICFU_JAR := /usr/share/java/atomicfu.jar
+ANDROID_JSON_JAR := /usr/share/java/com.android.json.jar
 $(NATIVE)/elemental-jvm.jar: $(KOTLIN_SOURCES)
-	kotlinc $(KOTLIN_SOURCES) -include-runtime -d $(NATIVE)/partial.jar 2>$(NATIVE)/kotlinc.log \
-		|| { grep -v noverify $(NATIVE)/kotlinc.log >&2; exit 1; }
+	kotlinc -cp $(COROUTINES_JAR):$(ANDROID_JSON_JAR) $(KOTLIN_SOURCES) -include-runtime -d $(NATIVE)/partial.jar \
+		2>$(NATIVE)/kotlinc.log || { grep -v noverify $(NATIVE)/kotlinc.log >&2; exit 1; }
+	rm -rf $(NATIVE)/libs && mkdir -p $(NATIVE)/libs
+	cd $(NATIVE)/libs && jar xf $(COROUTINES_JAR) kotlinx && jar xf $(ATOMICFU_JAR) kotlinx && jar xf $(ANDROID_JSON_JAR) org \
+		&& jar uf ../partial.jar kotlinx org
 	mv $(NATIVE)/partial.jar $@
 
 native-test: native

@@ -1,31 +1,37 @@
 // JNI glue between org.elemental.ElementClassifier (Kotlin) and the native classifier (native/).
 // Compiled for Android by this module's CMakeLists, and for the desktop JVM by `make native` (the tests
-// call it from Kotlin there). Errors become org.elemental.ElementalException with the library's message.
-#include <jni.h>
+// call it from Kotlin there). Every entry point runs in guarded() (jni_guard.h): errors, C++ exceptions and
+// failed JNI calls all reach Kotlin as org.elemental.ElementalException, never as a crash.
+#include "jni_guard.h"
 
 #include "elemental/classifier.h"
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
+
+using elemental::jni::guarded;
+using elemental::jni::throw_elemental;
 
 namespace {
 
-void throw_elemental(JNIEnv * env, const std::string & message) {
-    jclass cls = env->FindClass("org/elemental/ElementalException");
-    if (cls == nullptr) {  // FindClass already threw NoClassDefFoundError
-        return;
-    }
-    env->ThrowNew(cls, message.c_str());
-}
+// Classifiers opened and not yet closed in this process: what a leak check reads (ElementClassifier.nativeInstances).
+std::atomic<int> g_instances{0};
 
-std::string to_string(JNIEnv * env, jstring s) {
+// `s` as UTF-8 into `out`; false (with a Java exception pending) when the JVM could not hand it over.
+bool to_string(JNIEnv * env, jstring s, std::string & out) {
+    out.clear();
     if (s == nullptr) {
-        return {};
+        return true;
     }
     const char * chars = env->GetStringUTFChars(s, nullptr);
-    std::string out(chars ? chars : "");
+    if (chars == nullptr) {  // OutOfMemoryError pending
+        return false;
+    }
+    out = chars;
     env->ReleaseStringUTFChars(s, chars);
-    return out;
+    return true;
 }
 
 elemental::Classifier * from_handle(JNIEnv * env, jlong handle) {
@@ -43,67 +49,117 @@ extern "C" {
 // nativeOpen(folder, threads, repack 0 auto/1 on/2 off, quant, backendDir): a handle, or 0 with an exception.
 JNIEXPORT jlong JNICALL Java_org_elemental_NativeLib_nativeOpen(JNIEnv * env, jclass, jstring folder, jint threads,
                                                                 jint repack, jstring quant, jstring backend_dir) {
-    elemental::Options options;
-    options.n_threads = threads;
-    options.repack = repack == 1 ? elemental::Repack::On : repack == 2 ? elemental::Repack::Off : elemental::Repack::Auto;
-    options.quant = to_string(env, quant);
-    options.backend_dir = to_string(env, backend_dir);
-    elemental::Error error;
-    std::unique_ptr<elemental::Classifier> classifier = elemental::Classifier::open(to_string(env, folder), options, error);
-    if (!classifier) {
-        throw_elemental(env, error.message);
-        return 0;
-    }
-    return reinterpret_cast<jlong>(classifier.release());
+    return guarded(env, jlong{0}, [&]() -> jlong {
+        elemental::Options options;
+        std::string path;
+        if (!to_string(env, folder, path) || !to_string(env, quant, options.quant) ||
+            !to_string(env, backend_dir, options.backend_dir)) {
+            return 0;
+        }
+        options.n_threads = threads;
+        options.repack = repack == 1 ? elemental::Repack::On : repack == 2 ? elemental::Repack::Off : elemental::Repack::Auto;
+        elemental::Error error;
+        std::unique_ptr<elemental::Classifier> classifier = elemental::Classifier::open(path, options, error);
+        if (!classifier) {
+            throw_elemental(env, error.message);
+            return 0;
+        }
+        g_instances++;
+        return reinterpret_cast<jlong>(classifier.release());
+    });
 }
 
 JNIEXPORT jobjectArray JNICALL Java_org_elemental_NativeLib_nativeLabels(JNIEnv * env, jclass, jlong handle) {
-    elemental::Classifier * classifier = from_handle(env, handle);
-    if (!classifier) {
-        return nullptr;
-    }
-    const auto & labels = classifier->labels();
-    jobjectArray out = env->NewObjectArray(static_cast<jsize>(labels.size()), env->FindClass("java/lang/String"), nullptr);
-    for (size_t i = 0; out && i < labels.size(); i++) {
-        jstring label = env->NewStringUTF(labels[i].c_str());
-        env->SetObjectArrayElement(out, static_cast<jsize>(i), label);
-        env->DeleteLocalRef(label);
-    }
-    return out;
+    return guarded(env, jobjectArray{nullptr}, [&]() -> jobjectArray {
+        elemental::Classifier * classifier = from_handle(env, handle);
+        if (!classifier) {
+            return nullptr;
+        }
+        const auto & labels = classifier->labels();
+        jclass string_class = env->FindClass("java/lang/String");
+        if (string_class == nullptr) {
+            return nullptr;
+        }
+        jobjectArray out = env->NewObjectArray(static_cast<jsize>(labels.size()), string_class, nullptr);
+        for (size_t i = 0; out != nullptr && i < labels.size(); i++) {
+            jstring label = env->NewStringUTF(labels[i].c_str());
+            if (label == nullptr) {
+                return nullptr;  // OutOfMemoryError pending
+            }
+            env->SetObjectArrayElement(out, static_cast<jsize>(i), label);
+            env->DeleteLocalRef(label);
+        }
+        return out;
+    });
+}
+
+JNIEXPORT jint JNICALL Java_org_elemental_NativeLib_nativeThreads(JNIEnv * env, jclass, jlong handle) {
+    return guarded(env, jint{0}, [&]() -> jint {
+        elemental::Classifier * classifier = from_handle(env, handle);
+        return classifier ? classifier->n_threads() : 0;
+    });
+}
+
+JNIEXPORT jint JNICALL Java_org_elemental_NativeLib_nativePhotoMaxSide(JNIEnv * env, jclass, jlong handle) {
+    return guarded(env, jint{0}, [&]() -> jint {
+        elemental::Classifier * classifier = from_handle(env, handle);
+        return classifier ? classifier->photo_max_side() : 0;
+    });
 }
 
 // nativeClassify(handle, rgb, width, height): [label index, ms, p_0 .. p_{n-1}] (probabilities in label order).
 JNIEXPORT jdoubleArray JNICALL Java_org_elemental_NativeLib_nativeClassify(JNIEnv * env, jclass, jlong handle,
                                                                            jbyteArray rgb, jint width, jint height) {
-    elemental::Classifier * classifier = from_handle(env, handle);
-    if (!classifier) {
-        return nullptr;
-    }
-    if (rgb == nullptr) {
-        throw_elemental(env, "bitmap is null");
-        return nullptr;
-    }
-    const jsize size = env->GetArrayLength(rgb);
-    jbyte * bytes = env->GetByteArrayElements(rgb, nullptr);
-    elemental::Prediction p;
-    const elemental::Error error = classifier->classify(reinterpret_cast<const uint8_t *>(bytes), static_cast<size_t>(size),
-                                                        width, height, p);
-    env->ReleaseByteArrayElements(rgb, bytes, JNI_ABORT);  // read only: nothing to copy back
-    if (error) {
-        throw_elemental(env, error.message);
-        return nullptr;
-    }
-    std::vector<jdouble> values = {static_cast<jdouble>(p.label_index), p.ms};
-    values.insert(values.end(), p.probabilities.begin(), p.probabilities.end());
-    jdoubleArray out = env->NewDoubleArray(static_cast<jsize>(values.size()));
-    if (out) {
-        env->SetDoubleArrayRegion(out, 0, static_cast<jsize>(values.size()), values.data());
-    }
-    return out;
+    return guarded(env, jdoubleArray{nullptr}, [&]() -> jdoubleArray {
+        elemental::Classifier * classifier = from_handle(env, handle);
+        if (!classifier) {
+            return nullptr;
+        }
+        if (rgb == nullptr) {
+            throw_elemental(env, "bitmap is null");
+            return nullptr;
+        }
+        const jsize size = env->GetArrayLength(rgb);
+        jbyte * bytes = env->GetByteArrayElements(rgb, nullptr);
+        if (bytes == nullptr) {  // OutOfMemoryError pending
+            return nullptr;
+        }
+        elemental::Prediction p;
+        elemental::Error error;
+        try {
+            error = classifier->classify(reinterpret_cast<const uint8_t *>(bytes), static_cast<size_t>(size), width,
+                                         height, p);
+        } catch (...) {
+            env->ReleaseByteArrayElements(rgb, bytes, JNI_ABORT);
+            throw;
+        }
+        env->ReleaseByteArrayElements(rgb, bytes, JNI_ABORT);  // read only: nothing to copy back
+        if (error) {
+            throw_elemental(env, error.message);
+            return nullptr;
+        }
+        std::vector<jdouble> values = {static_cast<jdouble>(p.label_index), p.ms};
+        values.insert(values.end(), p.probabilities.begin(), p.probabilities.end());
+        jdoubleArray out = env->NewDoubleArray(static_cast<jsize>(values.size()));
+        if (out != nullptr) {
+            env->SetDoubleArrayRegion(out, 0, static_cast<jsize>(values.size()), values.data());
+        }
+        return out;
+    });
 }
 
-JNIEXPORT void JNICALL Java_org_elemental_NativeLib_nativeClose(JNIEnv *, jclass, jlong handle) {
-    delete reinterpret_cast<elemental::Classifier *>(handle);
+JNIEXPORT void JNICALL Java_org_elemental_NativeLib_nativeClose(JNIEnv * env, jclass, jlong handle) {
+    guarded(env, 0, [&]() {
+        if (handle != 0) {
+            delete reinterpret_cast<elemental::Classifier *>(handle);
+            g_instances--;
+        }
+        return 0;
+    });
+}
+
+JNIEXPORT jint JNICALL Java_org_elemental_NativeLib_nativeInstances(JNIEnv * env, jclass) {
+    return guarded(env, jint{0}, [&]() -> jint { return g_instances.load(); });
 }
 
 }  // extern "C"
