@@ -1,28 +1,32 @@
-// elemental's Android library module: drop this folder into an app (settings.gradle.kts:
-// include(":elemental"); project(":elemental").projectDir = file("path/to/elemental/android")) and depend
-// on it (implementation(project(":elemental"))). It builds llama.cpp from source with the NDK, as llama.cpp's
-// own examples/llama.android does, plus elemental's native classifier (../native) and its JNI glue.
+// elemental's Android library module: an app includes this folder as a build of its own (settings.gradle.kts:
+// includeBuild("path/to/elemental/android")) and depends on it (implementation("org.elemental:elemental")).
+// It builds llama.cpp from source with the NDK, as llama.cpp's own examples/llama.android does, plus elemental's
+// native classifier (../native) and its JNI glue. Every version is in gradle/libs.versions.toml.
 //
-// Not built on elemental's CI (no Android SDK/NDK there): the Kotlin API, the JNI glue and native/ are
-// compiled and run on the desktop JVM by `make native-test`; this file is kept minimal and conventional.
+// Not built on elemental's CI (no Android SDK/NDK/Gradle there): the Kotlin API, the JNI glue and native/ are
+// compiled and run on the desktop JVM by `make native-test`; this file is kept minimal and conventional, and
+// tests/test_android_module.py checks what can be checked without Gradle (versions, packaging vs backends).
 plugins {
-    id("com.android.library")
-    id("org.jetbrains.kotlin.android")
+    alias(libs.plugins.android.library)
+    alias(libs.plugins.kotlin.android)
 }
 
+group = "org.elemental"
+
 // The llama.cpp source tree to build: the same version that exported the model, e.g. the vendor/llama.cpp
-// folder of the llama-cpp-python sdist `make install` downloaded (README: "Android"). gradle.properties:
+// folder of the llama-cpp-python sdist `make install` downloaded (docs/android.md). In this folder's
+// gradle.properties or ~/.gradle/gradle.properties:
 //   elemental.llamaCppDir=/path/to/llama_cpp_python-0.3.36/vendor/llama.cpp
 val llamaCppDir: String = providers.gradleProperty("elemental.llamaCppDir").orNull
-    ?: error("set elemental.llamaCppDir in gradle.properties to a llama.cpp source tree (see android/README.md)")
+    ?: error("set elemental.llamaCppDir in gradle.properties to a llama.cpp source tree (see docs/android.md)")
 
 android {
     namespace = "org.elemental"
-    compileSdk = 35
-    ndkVersion = "27.2.12479018"
+    compileSdk = libs.versions.compileSdk.get().toInt()
+    ndkVersion = libs.versions.ndk.get()
 
     defaultConfig {
-        minSdk = 26
+        minSdk = libs.versions.minSdk.get().toInt()
         consumerProguardFiles("consumer-rules.pro")
         ndk {
             abiFilters += listOf("arm64-v8a", "x86_64")
@@ -40,7 +44,7 @@ android {
     externalNativeBuild {
         cmake {
             path("src/main/cpp/CMakeLists.txt")
-            version = "3.22.1"
+            version = libs.versions.cmake.get()
         }
     }
     sourceSets["main"].java.srcDirs("src/main/kotlin")
@@ -48,14 +52,17 @@ android {
         sourceCompatibility = JavaVersion.VERSION_17
         targetCompatibility = JavaVersion.VERSION_17
     }
-    kotlinOptions {
-        jvmTarget = "17"
-    }
     packaging {
-        jniLibs.useLegacyPackaging = false  // GGUF files are not in the APK; the .so files stay page-aligned
+        // Extracted at install, so llama.cpp finds its CPU backends in nativeLibraryDir (src/main/AndroidManifest.xml).
+        jniLibs.useLegacyPackaging = true
     }
 }
 
+kotlin {
+    jvmToolchain(17)
+}
+
 dependencies {
-    implementation("androidx.exifinterface:exifinterface:1.3.7")
+    implementation(libs.kotlinx.coroutines.android)
+    implementation(libs.androidx.exifinterface)
 }

@@ -1,54 +1,80 @@
-// Android conveniences on top of ElementClassifier: photos as Bitmaps, loaded upright by their EXIF orientation,
-// and the classifier opened with the app's native library folder (llama.cpp's CPU backends live there).
-// Needs the Android SDK: compiled by Gradle in the app, not by elemental's desktop tests.
+// Android conveniences on top of ElementClassifier: the classifier opened with the app's native library folder
+// (llama.cpp's CPU backends live there), and photos from a Bitmap, a Photo Picker Uri, a file or a stream.
+// Needs the Android SDK: compiled by Gradle in the app, not by elemental's desktop tests. The work is done by
+// tested plain-Kotlin code (org.elemental: draftScale, UprightRgb, ElementClassifier); this file only asks
+// Android's decoder for pixels.
 package org.elemental.android
 
 import android.content.Context
 import android.graphics.Bitmap
 import android.graphics.BitmapFactory
-import android.graphics.Color
-import android.graphics.Matrix
+import android.net.Uri
 import androidx.exifinterface.media.ExifInterface
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.withContext
 import org.elemental.Classification
 import org.elemental.ElementClassifier
 import org.elemental.ElementalException
 import org.elemental.Repack
+import org.elemental.UprightRgb
+import org.elemental.draftScale
 import java.io.File
+import java.io.InputStream
 
-/** Opens an export folder (manifest.json + the two GGUF files) copied to app storage. */
-fun openClassifier(context: Context, modelDir: File, threads: Int = 0, repack: Repack = Repack.AUTO): ElementClassifier =
-    ElementClassifier.open(modelDir, threads, repack, backendDir = context.applicationInfo.nativeLibraryDir)
-
-/** Classifies an upright Bitmap: its pixels as RGB888, transparency composited onto white (as training did). */
-fun ElementClassifier.classify(bitmap: Bitmap): Classification {
-    val argb = IntArray(bitmap.width * bitmap.height)
-    bitmap.getPixels(argb, 0, bitmap.width, 0, 0, bitmap.width, bitmap.height)
-    val rgb = ByteArray(argb.size * 3)
-    for (i in argb.indices) {
-        val p = argb[i]
-        val a = Color.alpha(p)
-        rgb[3 * i] = ((Color.red(p) * a + 255 * (255 - a) + 127) / 255).toByte()
-        rgb[3 * i + 1] = ((Color.green(p) * a + 255 * (255 - a) + 127) / 255).toByte()
-        rgb[3 * i + 2] = ((Color.blue(p) * a + 255 * (255 - a) + 127) / 255).toByte()
+/** Opens an export folder (manifest.json + the GGUF files it lists, e.g. from ModelStore) in app storage. */
+suspend fun openClassifier(context: Context, modelDir: File, threads: Int = 0, repack: Repack = Repack.AUTO,
+                           quant: String = ""): ElementClassifier {
+    val backendDir = context.applicationInfo.nativeLibraryDir
+    val backends = File(backendDir).list()?.filter { it.startsWith("libggml-cpu") } ?: emptyList()
+    if (backends.isEmpty()) {
+        throw ElementalException("$backendDir holds no libggml-cpu-*.so: the app's native libraries were not " +
+            "extracted at install (keep android:extractNativeLibs=\"true\" from elemental's module manifest)")
     }
-    return classify(rgb, bitmap.width, bitmap.height)
+    return ElementClassifier.open(modelDir, threads, repack, quant, backendDir)
 }
 
-/** A photo file decoded and turned upright by its EXIF orientation (camera photos are often stored sideways). */
-fun loadUprightPhoto(file: File): Bitmap {
-    val options = BitmapFactory.Options().apply { inPreferredConfig = Bitmap.Config.ARGB_8888 }
-    val bitmap = BitmapFactory.decodeFile(file.path, options) ?: throw ElementalException("$file: not a readable image")
-    val orientation = ExifInterface(file.path).getAttributeInt(ExifInterface.TAG_ORIENTATION, ExifInterface.ORIENTATION_NORMAL)
-    val m = Matrix()
-    when (orientation) {
-        ExifInterface.ORIENTATION_FLIP_HORIZONTAL -> m.setScale(-1f, 1f)
-        ExifInterface.ORIENTATION_ROTATE_180 -> m.setRotate(180f)
-        ExifInterface.ORIENTATION_FLIP_VERTICAL -> m.setScale(1f, -1f)
-        ExifInterface.ORIENTATION_TRANSPOSE -> { m.setRotate(90f); m.postScale(-1f, 1f) }
-        ExifInterface.ORIENTATION_ROTATE_90 -> m.setRotate(90f)
-        ExifInterface.ORIENTATION_TRANSVERSE -> { m.setRotate(-90f); m.postScale(-1f, 1f) }
-        ExifInterface.ORIENTATION_ROTATE_270 -> m.setRotate(-90f)
-        else -> return bitmap
+/** Classifies an upright Bitmap of any config (HARDWARE ones, the default of Coil, Glide and ImageDecoder, included). */
+suspend fun ElementClassifier.classify(bitmap: Bitmap): Classification {
+    val photo = withContext(Dispatchers.Default) { uprightRgb(bitmap, ExifInterface.ORIENTATION_NORMAL) }
+    return classify(photo.rgb, photo.width, photo.height)
+}
+
+/** Classifies a photo from the Photo Picker (or any content Uri), decoded at reduced scale and turned upright. */
+suspend fun ElementClassifier.classify(context: Context, uri: Uri): Classification =
+    classifyStream { context.contentResolver.openInputStream(uri) ?: throw ElementalException("$uri: cannot be opened") }
+
+/** Classifies a photo file, decoded at reduced scale and turned upright. */
+suspend fun ElementClassifier.classify(file: File): Classification = classifyStream { file.inputStream() }
+
+/** Classifies the photo `open` streams (called up to three times: size, EXIF, pixels). */
+suspend fun ElementClassifier.classifyStream(open: () -> InputStream): Classification {
+    val photo = withContext(Dispatchers.IO) {
+        val bounds = BitmapFactory.Options().apply { inJustDecodeBounds = true }
+        open().use { BitmapFactory.decodeStream(it, null, bounds) }
+        if (bounds.outWidth < 1 || bounds.outHeight < 1) throw ElementalException("not a readable image")
+        val orientation = open().use { ExifInterface(it).getAttributeInt(ExifInterface.TAG_ORIENTATION, ExifInterface.ORIENTATION_NORMAL) }
+        val options = BitmapFactory.Options().apply {
+            inPreferredConfig = Bitmap.Config.ARGB_8888
+            inSampleSize = draftScale(bounds.outWidth, bounds.outHeight, photoMaxSide)
+        }
+        val bitmap = open().use { BitmapFactory.decodeStream(it, null, options) } ?: throw ElementalException("not a readable image")
+        try { uprightRgb(bitmap, orientation) } finally { bitmap.recycle() }
     }
-    return Bitmap.createBitmap(bitmap, 0, 0, bitmap.width, bitmap.height, m, false)  // exact: no filtering
+    return classify(photo.rgb, photo.width, photo.height)
+}
+
+// The bitmap's pixels upright as RGB888, read a row at a time (a HARDWARE bitmap is copied to memory first).
+private fun uprightRgb(bitmap: Bitmap, orientation: Int): UprightRgb {
+    val readable = if (bitmap.config == Bitmap.Config.HARDWARE) bitmap.copy(Bitmap.Config.ARGB_8888, false) else bitmap
+    try {
+        val photo = UprightRgb(readable.width, readable.height, orientation)
+        val row = IntArray(readable.width)
+        for (y in 0 until readable.height) {
+            readable.getPixels(row, 0, readable.width, 0, y, readable.width, 1)
+            photo.putRow(y, row)
+        }
+        return photo
+    } finally {
+        if (readable !== bitmap) readable.recycle()
+    }
 }
