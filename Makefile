@@ -112,9 +112,37 @@ $(LLAMA_SRC)/.stamp: $(SDIST) | $(PY)
 		$(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,include ggml/include tools/mtmd vendor)
 	touch $@
 
+# libjpeg-turbo's source, for native/'s JPEG decoder (native/cmake/libjpeg-turbo.cmake): the tree simplejpeg's sdist
+# vendors, one for the desktop, ARM64 and Android builds. Fetched by its PyPI address and digest, not with
+# `pip download`: pip would prepare the sdist's metadata, and simplejpeg's setup.py then downloads libjpeg-turbo from
+# GitHub.
+SIMPLEJPEG := 1.9.0
+LIBJPEG_TURBO := 3.1.2
+JPEG_SDIST := $(CACHE)/sdist/simplejpeg-$(SIMPLEJPEG).tar.gz
+JPEG_SDIST_URL := https://files.pythonhosted.org/packages/90/64/da60f0ba80570f9a36c9b6e055f4364bda2c547715296d5773d2ea6d5a60/simplejpeg-$(SIMPLEJPEG).tar.gz
+JPEG_SDIST_SHA256 := 5ac7d9489eeb812c2e7ea5c283994a29d9fefdfe5ed7b86c09d485e0dd366689
+LIBJPEG_TURBO_SRC := $(VENV)/share/elemental/libjpeg-turbo-src
+
+$(JPEG_SDIST):
+	mkdir -p $(dir $@)
+	$(PYTHON) -c 'import hashlib, sys, urllib.request; data = urllib.request.urlopen(sys.argv[1], timeout=300).read(); \
+		digest = hashlib.sha256(data).hexdigest(); \
+		sys.exit(f"{sys.argv[1]}: sha256 {digest}, expected {sys.argv[2]}") if digest != sys.argv[2] else None; \
+		open(sys.argv[3], "wb").write(data)' $(JPEG_SDIST_URL) $(JPEG_SDIST_SHA256) $@.part
+	mv $@.part $@
+
+$(LIBJPEG_TURBO_SRC)/.stamp: $(JPEG_SDIST) | $(PY)
+	rm -rf $(LIBJPEG_TURBO_SRC) && mkdir -p $(LIBJPEG_TURBO_SRC)
+	tar -xzf $(JPEG_SDIST) -C $(LIBJPEG_TURBO_SRC) --strip-components=3 \
+		simplejpeg-$(SIMPLEJPEG)/lib/libjpeg-turbo-$(LIBJPEG_TURBO)
+	touch $@
+
+native native-arm64: $(LIBJPEG_TURBO_SRC)/.stamp
+
 native: system-deps install $(LLAMA_SRC)/.stamp
 	cmake -S native -B $(NATIVE) -DCMAKE_BUILD_TYPE=Release -DELEMENTAL_JNI=ON \
-		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_LIB_DIR) >/dev/null
+		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$(LLAMA_LIB_DIR) \
+		-DELEMENTAL_LIBJPEG_TURBO_SOURCE=$(abspath $(LIBJPEG_TURBO_SRC)) >/dev/null
 	cmake --build $(NATIVE) -j $(JOBS)
 	$(MAKE) --no-print-directory $(NATIVE)/elemental-jvm.jar
 
@@ -152,6 +180,7 @@ native-arm64: system-deps $(SDIST) $(LLAMA_SRC)/.stamp
 	cmake -S native -B $(NATIVE_ARM64)/cmake -DCMAKE_BUILD_TYPE=Release \
 		-DCMAKE_TOOLCHAIN_FILE=$(abspath native/cmake/aarch64-linux-gnu.cmake) \
 		-DELEMENTAL_LLAMA_CPP_SOURCE=$(abspath $(LLAMA_SRC)) -DELEMENTAL_LLAMA_CPP_LIB_DIR=$$llama/lib \
+		-DELEMENTAL_LIBJPEG_TURBO_SOURCE=$(abspath $(LIBJPEG_TURBO_SRC)) \
 		'-DCMAKE_BUILD_RPATH=$$ORIGIN/../lib' -DCMAKE_RUNTIME_OUTPUT_DIRECTORY=$(abspath $(NATIVE_ARM64))/bin >/dev/null && \
 	cmake --build $(NATIVE_ARM64)/cmake -j $(JOBS) && \
 	rm -rf $(NATIVE_ARM64)/lib && cp -a $$llama/lib $(NATIVE_ARM64)/lib

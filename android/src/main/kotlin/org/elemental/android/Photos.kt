@@ -55,7 +55,9 @@ suspend fun ElementClassifier.classifyStream(open: () -> InputStream): Classific
         val orientation = open().use { ExifInterface(it).getAttributeInt(ExifInterface.TAG_ORIENTATION, ExifInterface.ORIENTATION_NORMAL) }
         val options = BitmapFactory.Options().apply {
             inPreferredConfig = Bitmap.Config.ARGB_8888
-            inSampleSize = draftScale(bounds.outWidth, bounds.outHeight, photoMaxSide)
+            // Only a JPEG is decoded at reduced scale, as on the desktop (Pillow's draft mode is JPEG's DCT scaling);
+            // other formats would be subsampled by skipping pixels, which the desktop never does.
+            inSampleSize = if (bounds.outMimeType == "image/jpeg") draftScale(bounds.outWidth, bounds.outHeight, photoMaxSide) else 1
         }
         val bitmap = open().use { BitmapFactory.decodeStream(it, null, options) } ?: throw ElementalException("not a readable image")
         try { uprightRgb(bitmap, orientation) } finally { bitmap.recycle() }
