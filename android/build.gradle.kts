@@ -19,6 +19,11 @@ group = "org.elemental"
 //   elemental.llamaCppDir=/path/to/llama_cpp_python-0.3.36/vendor/llama.cpp
 val llamaCppDir: String = providers.gradleProperty("elemental.llamaCppDir").orNull
     ?: error("set elemental.llamaCppDir in gradle.properties to a llama.cpp source tree (see docs/android.md)")
+// The libjpeg-turbo source tree the library decodes JPEGs with, as the desktop does (`make native` unpacks it into
+// .venv/share/elemental/libjpeg-turbo-src):
+//   elemental.libjpegTurboDir=/path/to/elemental/.venv/share/elemental/libjpeg-turbo-src
+val libjpegTurboDir: String = providers.gradleProperty("elemental.libjpegTurboDir").orNull
+    ?: error("set elemental.libjpegTurboDir in gradle.properties to a libjpeg-turbo source tree (see docs/android.md)")
 
 android {
     namespace = "org.elemental"
@@ -37,6 +42,7 @@ android {
                 arguments += listOf(
                     "-DCMAKE_BUILD_TYPE=Release",
                     "-DELEMENTAL_LLAMA_CPP_SOURCE=$llamaCppDir",
+                    "-DELEMENTAL_LIBJPEG_TURBO_SOURCE=$libjpegTurboDir",
                 )
             }
         }

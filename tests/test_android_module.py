@@ -44,6 +44,19 @@ def test_packaging_extracts_the_backends_llama_cpp_loads_from_a_folder():
     assert "ElementClassifier.open(modelDir, threads, repack, quant, backendDir)" in photos
 
 
+def test_the_module_passes_every_source_tree_the_native_build_requires():
+    """native/'s CMake stops without its source trees (llama.cpp, libjpeg-turbo): the app's build must pass each one
+    the desktop and ARM64 builds pass (Makefile)."""
+    cmake = "\n".join(p.read_text() for p in [ROOT / "native/CMakeLists.txt", *(ROOT / "native/cmake").glob("*.cmake")])
+    required = set(re.findall(r"set\((ELEMENTAL_\w+_SOURCE) ", cmake))
+    assert required >= {"ELEMENTAL_LLAMA_CPP_SOURCE", "ELEMENTAL_LIBJPEG_TURBO_SOURCE"}
+    gradle = _gradle_code()
+    makefile = (ROOT / "Makefile").read_text()
+    for name in required:
+        assert f'"-D{name}=$' in gradle, f"build.gradle.kts does not pass {name}"
+        assert makefile.count(f"-D{name}=") >= 2, f"the Makefile's native and native-arm64 builds must pass {name}"
+
+
 def test_every_version_comes_from_the_catalog():
     catalog = tomllib.loads((MODULE / "gradle/libs.versions.toml").read_text())
     versions, plugins, libraries = catalog["versions"], catalog["plugins"], catalog["libraries"]

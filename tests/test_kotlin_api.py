@@ -5,8 +5,9 @@
   photo is in flight and frees the model after it, a classifier nobody closed is freed by the garbage collector;
 - every C++ exception becomes ElementalException (the guard every JNI entry point runs in, thrown through in a
   real JVM), and every entry point uses it;
-- the pixels an app builds (UprightRgb: EXIF orientation and transparency, row by row; draftScale: the reduced
-  JPEG decode) are the desktop's (Pillow's transpose and draft mode).
+- a JPEG's bytes go to the library's own decoder (classifyJpeg: the answers of `elemental classify` exactly, and a
+  50-MP photo within 64 MB); other photos' pixels, as an app builds them from its platform decoder (UprightRgb: EXIF
+  orientation and transparency, row by row), are the desktop's (Pillow's transpose and compositing).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from PIL import Image
 from test_native import JAR, ROOT, SAME_PIXELS, _java, lines, max_dp, python_classify, run
 
-from elemental.images import _draft, _to_rgb
+from elemental.images import _to_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,30 @@ def test_the_guides_app_flow_downloads_once_and_answers_as_elemental_classify(de
     assert stamp["format"] == 1 and stamp["files"].keys() == manifest["files"].keys()
 
 
+def test_jpegs_classified_by_the_librarys_decoder_answer_as_elemental_classify(demo_dir, val_photos, tmp_path):
+    """classifyJpeg: the phone hands the file's bytes to the library, which decodes them as Pillow does."""
+    gguf = demo_dir / "gguf"
+    ours, theirs = lines(_java("--jpeg", gguf, *val_photos)), python_classify(gguf, val_photos, tmp_path)
+    assert len(ours) == len(val_photos) and [ours[k]["label"] for k in ours] == [theirs[k]["label"] for k in ours]
+    assert max_dp(ours, theirs) <= SAME_PIXELS
+
+
+def test_a_50_megapixel_jpeg_costs_the_app_little_memory(demo_dir, tmp_path):
+    """Through the app's path (bytes read, classifyJpeg), in a JVM: the peak above the loaded model, measured by the
+    process itself (Linux's VmHWM, reset before the photo). Decoded whole, the RGB alone would be 150 MB."""
+    from test_native_decode import photo
+
+    small, big = tmp_path / "small.jpg", tmp_path / "50mp.jpg"
+    photo(640, 480, seed=3).save(small, quality=90)
+    photo(8160, 6120, seed=8).save(big, quality=90)  # a 50-MP camera photo, 4:2:0
+    res = _java("--peak-jpeg", demo_dir / "gguf", small, big)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak = int(re.search(r"peak above the loaded model: (\d+) bytes", res.stdout).group(1))
+    print(f"50-MP JPEG ({big.stat().st_size / 2**20:.1f} MiB) through classifyJpeg: peak {peak / 2**20:.1f} MiB "
+          "above the loaded model")
+    assert 0 < peak <= 64 * 2**20
+
+
 def test_threads_are_checked_where_they_enter(demo_dir):
     out = said(_java("--errors", demo_dir / "gguf"))
     for case, value in (("too many threads", 100000), ("negative threads", -1)):
@@ -122,38 +147,6 @@ def test_every_jni_entry_point_runs_in_the_guard_and_kotlin_declares_each():
 
 
 # -- the pixels an app builds -----------------------------------------------------------------------------
-
-def _jpeg_header_of_size(width: int, height: int) -> bytes:
-    """A 16x16 JPEG whose frame header says width x height: Pillow's draft reads the header, decodes nothing."""
-    import io
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 120, 200)).save(buf, "JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
-SIZES = [(8160, 6120), (6120, 8160), (4032, 3024), (4000, 3000), (3000, 2000), (2048, 1536), (2047, 1535),
-         (2049, 1000), (1025, 1025), (1024, 768), (800, 600), (9000, 300), (300, 9000), (8192, 1024), (16385, 12000),
-         (4097, 4097), (4096, 4095), (1, 5000), (5000, 1), (65000, 40000)]
-
-
-@pytest.mark.parametrize("max_side", [1024, 512, 384])
-def test_draft_scale_is_the_desktops_reduced_jpeg_decode(tmp_path, max_side):
-    import io
-    ours = run("java", "-cp", JAR, "ClassifyPhotosKt", "--draft-scale", str(max_side),
-               *[str(v) for size in SIZES for v in size])
-    assert ours.returncode == 0, ours.stderr[-2000:]
-    theirs = []
-    for w, h in SIZES:
-        with Image.open(io.BytesIO(_jpeg_header_of_size(w, h))) as img:
-            _draft(img, max_side)
-            scale = next(s for s in (1, 2, 4, 8) if img.size == (-(-w // s), -(-h // s)))
-            theirs.append(scale)
-    assert [int(v) for v in ours.stdout.split()] == theirs
-    assert 8 in theirs and 1 in theirs and (2 in theirs or 4 in theirs)  # the sizes exercise every branch
-
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_upright_rgb_turns_and_flattens_as_the_desktop(tmp_path, orientation):

@@ -30,7 +30,7 @@ import pytest
 from cli_process import elemental
 from PIL import Image
 
-from elemental.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
+from elemental.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, bounded, open_image
 from elemental.synthetic import synthetic_photo
 
 pytestmark = pytest.mark.slow
@@ -84,6 +84,15 @@ def jpeg_header(w: int, h: int) -> bytes:
     return b"\xff\xd8\xff\xc0" + struct.pack(">HBHHB", 17, 8, h, w, 3) + components
 
 
+def jpeg_declaring(w: int, h: int) -> bytes:
+    """A whole 16x16 JPEG (tables, scan, end marker) whose frame header says w x h: decoders read every header and
+    pick their scale as for a real w x h photo, then run out of scan data."""
+    data = bytearray(small_jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
 def png_header(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -114,6 +123,7 @@ def test_exif_offsets_near_the_wrap_read_nothing_out_of_bounds(tmp_path, case):
 
 
 DRIVER = r"""
+#include "elemental/photo.h"
 #include "photo.h"
 #include <cstdio>
 #include <fstream>
@@ -126,8 +136,8 @@ int main(int argc, char ** argv) {
         const std::vector<unsigned char> d((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
         elemental::RgbImage photo;
         std::string error;
-        const bool ok = elemental::tools::load_photo(argv[i], photo, error);
-        std::printf("%d %s\n", elemental::tools::jpeg_exif_orientation(d.data(), d.size()),
+        const bool ok = elemental::tools::load_photo(argv[i], 0, photo, error);
+        std::printf("%d %s\n", elemental::jpeg_orientation(d.data(), d.size()),
                     ok ? (std::to_string(photo.width) + "x" + std::to_string(photo.height)).c_str() : "refused");
     }
     return 0;
@@ -135,9 +145,9 @@ int main(int argc, char ** argv) {
 """
 
 
-def llama_source() -> Path:
+def cmake_cache(key: str) -> Path:
     cache = (NATIVE / "CMakeCache.txt").read_text()
-    line = next(ln for ln in cache.splitlines() if ln.startswith("ELEMENTAL_LLAMA_CPP_SOURCE:"))
+    line = next(ln for ln in cache.splitlines() if ln.startswith(f"{key}:"))
     return Path(line.split("=", 1)[1])
 
 
@@ -148,11 +158,14 @@ def test_photo_reader_under_address_and_undefined_behaviour_sanitizers(tmp_path)
         pytest.fail("g++ is missing (scripts/system-deps installs it)")
     (tmp_path / "driver.cpp").write_text(DRIVER)
     exe = tmp_path / "photo-asan"
+    jpeg = NATIVE / "libjpeg-turbo"  # the libjpeg-turbo `make native` built (native/cmake/libjpeg-turbo.cmake)
     build = subprocess.run(
         [cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
          "-Wall", "-Wextra", "-Wno-unused-function", "-Werror",  # stb_image's unused static API aside
-         f"-I{ROOT / 'native/tools'}", f"-I{ROOT / 'native/include'}", f"-I{llama_source() / 'vendor'}",
-         str(ROOT / "native/tools/photo.cpp"), str(tmp_path / "driver.cpp"), "-o", str(exe)],
+         f"-I{ROOT / 'native/tools'}", f"-I{ROOT / 'native/include'}",
+         f"-I{cmake_cache('ELEMENTAL_LLAMA_CPP_SOURCE') / 'vendor'}", f"-I{jpeg / 'include'}",
+         str(ROOT / "native/tools/photo.cpp"), str(ROOT / "native/src/photo_decode.cpp"), str(tmp_path / "driver.cpp"),
+         str(jpeg / "lib/libjpeg.a"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     files = []
@@ -173,17 +186,28 @@ def test_photo_reader_under_address_and_undefined_behaviour_sanitizers(tmp_path)
 
 # -- size limits: pixels declared in a header, bytes of a file -------------------------------------------
 
-@pytest.mark.parametrize("name, header", [("big.jpg", jpeg_header(12000, 10000)),
+@pytest.mark.parametrize("name, header", [("big.jpg", jpeg_declaring(12000, 10000)),
                                           ("big.png", png_header(12000, 10000))], ids=["jpeg", "png"])
 def test_a_header_over_the_pixel_cap_is_refused_before_decoding(tmp_path, name, header):
+    """At the size it would be decoded at: a JPEG brought to 20000 px has no reduced scale to use; Python refuses
+    the same header in the same terms."""
     assert 12000 * 10000 > DEFAULT_MAX_PIXELS
     (tmp_path / name).write_bytes(header)
-    res = run(SHRINK, tmp_path / name, tmp_path / "out.ppm")
+    res = run(SHRINK, tmp_path / name, tmp_path / "out.ppm", "20000")
     assert res.returncode == 2 and len(error_lines(res)) == 1, res.stderr
     assert f"{tmp_path / name}: 12000x10000 = 120 Mpx, over the limit of 100 Mpx" in res.stderr
-    if name.endswith(".png"):  # Python refuses the same header in the same terms (its JPEGs decode at 1/8 instead)
-        with pytest.raises(Exception, match="12000x10000 = 120 Mpx, over the limit of 100 Mpx"):
-            open_image(tmp_path / name)
+    with pytest.raises(Exception, match="12000x10000 = 120 Mpx, over the limit of 100 Mpx"):
+        open_image(tmp_path / name, max_side=20000)
+
+
+def test_a_big_jpeg_header_is_decoded_at_reduced_scale_as_python_does(tmp_path):
+    """Brought to 1024 px, a JPEG declaring 12000x10000 is decoded at 1/8 (1500x1250, under the cap) by both; its
+    scan data runs out early, and both fill the rest alike (libjpeg's warning, ignored as Pillow ignores it)."""
+    (tmp_path / "big.jpg").write_bytes(jpeg_declaring(12000, 10000))
+    res = run(SHRINK, tmp_path / "big.jpg", tmp_path / "out.ppm", "1024")
+    assert res.returncode == 0, res.stderr
+    theirs = bounded(open_image(tmp_path / "big.jpg", max_side=1024), 1024)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.ppm")), np.asarray(theirs))
 
 
 def test_a_file_over_int_max_bytes_is_refused_without_reading_it(tmp_path):
@@ -194,7 +218,7 @@ def test_a_file_over_int_max_bytes_is_refused_without_reading_it(tmp_path):
     t0 = time.perf_counter()
     res = run(SHRINK, huge, tmp_path / "out.ppm")
     assert res.returncode == 2 and len(error_lines(res)) == 1, res.stderr
-    assert f"{huge}: 2147483658 bytes, over the 2147483647 bytes stb_image can read" in res.stderr
+    assert f"{huge}: 2147483658 bytes, over the 2147483647 bytes this tool reads" in res.stderr
     assert time.perf_counter() - t0 < 5  # refused from its size, not read
 
 

@@ -2,6 +2,7 @@
 // the pre-shrink, the overview chunk and label scoring. elemental/classify/gguf.py is the same sequence
 // in Python; tests/test_native.py holds the two to the same answers.
 #include "elemental/classifier.h"
+#include "elemental/photo.h"
 
 #include "ggml-backend.h"
 #include "llama.h"
@@ -562,6 +563,17 @@ std::unique_ptr<Classifier> Classifier::open(const std::string & folder, const O
     }
     impl->n_prefix = static_cast<llama_pos>(m.prefix_ids.size());
     return std::unique_ptr<Classifier>(new Classifier(std::move(impl)));
+}
+
+Error Classifier::classify_jpeg(const uint8_t * data, size_t size, Prediction & out) {
+    const auto t0 = std::chrono::steady_clock::now();
+    RgbImage photo;
+    Error error = decode_photo(data, size, impl_->manifest.photo_max_side, photo);
+    if (error || (error = classify(photo.pixels.data(), photo.pixels.size(), photo.width, photo.height, out))) {
+        return error;
+    }
+    out.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    return {};
 }
 
 Error Classifier::classify(const uint8_t * rgb, size_t size, int width, int height, Prediction & out) {

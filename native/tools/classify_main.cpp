@@ -10,7 +10,7 @@
 //
 // Bad input of the run (an option, a photo argument that does not exist, an export the library refuses, a
 // backend folder without backends): one `error:` line and exit code 2 before any photo is classified. A photo
-// that fails on its own (it does not decode, stb_image does not read its format, it is over the pixel cap or too
+// that fails on its own (it does not decode, its format is not one the tool reads, it is over the pixel cap or too
 // wide or tall for the model) does not stop the run: it gets a JSON line {"path", "error"} in its place and an
 // `error:` line on stderr, the other photos are classified, and the exit code is 2 once all are done.
 #include "elemental/classifier.h"
@@ -38,7 +38,7 @@ int fail(const std::string & message) {
 }
 
 // Photos of a folder as `elemental classify` takes them: elemental.images.IMAGE_SUFFIXES, searched recursively,
-// sorted by path components as pathlib sorts. The list is Python's, not what stb_image decodes, so that both
+// sorted by path components as pathlib sorts. The list is Python's, not what the tool decodes, so that both
 // tools yield the same files from a folder; a WebP, TIFF, HEIC or AVIF then gets its own error line.
 std::vector<std::string> photos_in(const std::string & arg) {
     static const std::vector<std::string> exts = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp",
@@ -187,7 +187,7 @@ int main(int argc, char ** argv) {
         for (const std::string & path : photos_in(args[a])) {
             elemental::RgbImage photo;
             std::string why;
-            if (!elemental::tools::load_photo(path, photo, why)) {
+            if (!elemental::tools::load_photo(path, classifier->photo_max_side(), photo, why)) {
                 photo_failed(path, why);
                 any_failed = true;
                 continue;

@@ -1,5 +1,6 @@
 // elemental-native-shrink PHOTO OUT.ppm [MAX_SIDE]: the pixels the native library hands to libmtmd for PHOTO
-// (decoded, upright, brought to MAX_SIDE, default 1024), as a binary PPM. Tests compare them with Pillow's.
+// (decoded at the reduced scale MAX_SIDE allows, upright, brought to MAX_SIDE, default 1024), as a binary PPM, as
+// `elemental classify` makes them (open_image(max_side) then bounded). Tests compare them with Pillow's.
 #include "elemental/classifier.h"
 #include "photo.h"
 
@@ -23,7 +24,7 @@ int main(int argc, char ** argv) {
     }
     elemental::RgbImage photo;
     std::string error;
-    if (!elemental::tools::load_photo(argv[1], photo, error)) {
+    if (!elemental::tools::load_photo(argv[1], max_side, photo, error)) {
         std::fprintf(stderr, "error: %s\n", error.c_str());
         return 2;
     }

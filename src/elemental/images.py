@@ -152,7 +152,7 @@ def _draft(img: Image.Image, max_side: int) -> None:
     The target keeps the photo's aspect ratio: a (max_side, max_side) box would stop a 4:3 photo one
     scale early because of its short side.
     """
-    if img.format != "JPEG" or max_side < 1:
+    if img.format not in ("JPEG", "MPO") or max_side < 1:  # MPO: a JPEG with more pictures after it (phones)
         return
     w, h = img.size
     long_side = max(w, h)

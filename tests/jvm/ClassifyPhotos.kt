@@ -4,8 +4,9 @@
 //   java -Djava.library.path=build/native -cp elemental-jvm.jar ClassifyPhotosKt MODEL_DIR PHOTO...  one JSON line per photo
 //   ... ClassifyPhotosKt --errors MODEL_DIR            one line per error case
 //   ... ClassifyPhotosKt --lifecycle MODEL_DIR PHOTO   close, cancellation, concurrency and the cleaner, one line each
+//   ... ClassifyPhotosKt --jpeg MODEL_DIR JPEG...                   classifyJpeg: the library decodes each JPEG
+//   ... ClassifyPhotosKt --peak-jpeg MODEL_DIR SMALL.jpg BIG.jpg    peak memory of BIG through classifyJpeg
 //   ... ClassifyPhotosKt --app MODEL_URL MODELS_DIR PHOTO...  docs/android.md's flow: ModelStore download, classify
-//   ... ClassifyPhotosKt --draft-scale MAX_SIDE W H [W H ...]   draftScale of each size, one per line
 //   ... ClassifyPhotosKt --upright PHOTO ORIENTATION OUT       UprightRgb's bytes to OUT, "W H" printed
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.Dispatchers
@@ -19,7 +20,6 @@ import org.elemental.ElementClassifier
 import org.elemental.ElementalException
 import org.elemental.ModelStore
 import org.elemental.UprightRgb
-import org.elemental.draftScale
 import java.io.File
 import javax.imageio.ImageIO
 
@@ -84,6 +84,29 @@ fun appFlow(modelUrl: String, modelsDir: File, photos: List<File>) = runBlocking
         }
     } finally {
         classifier.close()
+    }
+}
+
+// Each JPEG's bytes classified by the library's own decoder (ElementClassifier.classifyJpeg), as an app does.
+fun classifyJpegs(modelDir: File, photos: List<File>) = runBlocking {
+    ElementClassifier.open(modelDir).use { classifier ->
+        for (file in photos) println(json(file.path, classifier.classifyJpeg(file.readBytes())))
+    }
+}
+
+fun procStatus(key: String): Long =
+    File("/proc/self/status").readLines().first { it.startsWith("$key:") }.split(Regex("\\s+"))[1].toLong() * 1024
+
+// What one JPEG costs in memory through the app's path (file bytes read, classifyJpeg), beyond the loaded model:
+// the process's peak resident memory from just before the photo, after a small photo has warmed every buffer.
+fun peakJpeg(modelDir: File, small: File, big: File) = runBlocking {
+    ElementClassifier.open(modelDir).use { classifier ->
+        classifier.classifyJpeg(small.readBytes())
+        System.gc()
+        File("/proc/self/clear_refs").writeText("5")  // Linux: the peak (VmHWM) starts again from the current size
+        val before = procStatus("VmHWM")
+        val answer = classifier.classifyJpeg(big.readBytes())
+        println("peak above the loaded model: ${procStatus("VmHWM") - before} bytes; label ${answer.label}")
     }
 }
 
@@ -155,11 +178,9 @@ fun main(args: Array<String>) {
     when {
         args.isNotEmpty() && args[0] == "--errors" -> errors(File(args[1]))
         args.isNotEmpty() && args[0] == "--lifecycle" -> lifecycle(File(args[1]), rgbPhoto(File(args[2])))
+        args.isNotEmpty() && args[0] == "--jpeg" -> classifyJpegs(File(args[1]), args.drop(2).map { File(it) })
+        args.isNotEmpty() && args[0] == "--peak-jpeg" -> peakJpeg(File(args[1]), File(args[2]), File(args[3]))
         args.isNotEmpty() && args[0] == "--app" -> appFlow(args[1], File(args[2]), args.drop(3).map { File(it) })
-        args.isNotEmpty() && args[0] == "--draft-scale" -> {
-            val maxSide = args[1].toInt()
-            for (i in 2 until args.size step 2) println(draftScale(args[i].toInt(), args[i + 1].toInt(), maxSide))
-        }
         args.isNotEmpty() && args[0] == "--upright" -> {
             val photo = rgbPhoto(File(args[1]), args[2].toInt())
             File(args[3]).writeBytes(photo.rgb)

@@ -103,9 +103,14 @@ public:
     // One call at a time per Classifier (llama.cpp's context is not thread-safe); open one per thread.
     Error classify(const uint8_t * rgb, size_t size, int width, int height, Prediction & out);
 
+    // Classifies a JPEG file's bytes, decoded here as `elemental classify` decodes it (elemental/photo.h: Pillow's
+    // pixels, at the reduced scale photo_max_side allows, upright by EXIF): what an app should use for JPEGs, since
+    // its platform decoder gives other pixels and a full-size bitmap. `out.ms` includes the decode.
+    Error classify_jpeg(const uint8_t * data, size_t size, Prediction & out);
+
     const std::vector<std::string> & labels() const;
-    // The long side classify() brings a photo down to first (manifest image.photo_max_side): an app decoding a
-    // JPEG may decode it at reduced scale down to this (draft scale), as the desktop does.
+    // The long side classify() brings a photo down to first (manifest image.photo_max_side); classify_jpeg decodes
+    // at the reduced scale this allows, and so may a caller that decodes photos itself.
     int photo_max_side() const;
     // Where the text model's weights live, as llama.cpp reported them at load ("CPU_Mapped", ...).
     const std::vector<std::string> & weight_buffers() const;

@@ -42,6 +42,45 @@ elemental::Classifier * from_handle(JNIEnv * env, jlong handle) {
     return reinterpret_cast<elemental::Classifier *>(handle);
 }
 
+// The answer as Kotlin reads it: [label index, ms, p_0 .. p_{n-1}] (probabilities in label order).
+jdoubleArray answer(JNIEnv * env, const elemental::Prediction & p) {
+    std::vector<jdouble> values = {static_cast<jdouble>(p.label_index), p.ms};
+    values.insert(values.end(), p.probabilities.begin(), p.probabilities.end());
+    jdoubleArray out = env->NewDoubleArray(static_cast<jsize>(values.size()));
+    if (out != nullptr) {
+        env->SetDoubleArrayRegion(out, 0, static_cast<jsize>(values.size()), values.data());
+    }
+    return out;
+}
+
+// `classify(bytes, size)` on the array's bytes, released whatever happens; an error becomes ElementalException.
+template <typename F>
+jdoubleArray with_bytes(JNIEnv * env, jbyteArray array, const char * what, F && classify) {
+    if (array == nullptr) {
+        throw_elemental(env, std::string(what) + " is null");
+        return nullptr;
+    }
+    const jsize size = env->GetArrayLength(array);
+    jbyte * bytes = env->GetByteArrayElements(array, nullptr);
+    if (bytes == nullptr) {  // OutOfMemoryError pending
+        return nullptr;
+    }
+    elemental::Prediction p;
+    elemental::Error error;
+    try {
+        error = classify(reinterpret_cast<const uint8_t *>(bytes), static_cast<size_t>(size), p);
+    } catch (...) {
+        env->ReleaseByteArrayElements(array, bytes, JNI_ABORT);
+        throw;
+    }
+    env->ReleaseByteArrayElements(array, bytes, JNI_ABORT);  // read only: nothing to copy back
+    if (error) {
+        throw_elemental(env, error.message);
+        return nullptr;
+    }
+    return answer(env, p);
+}
+
 }  // namespace
 
 extern "C" {
@@ -100,51 +139,27 @@ JNIEXPORT jint JNICALL Java_org_elemental_NativeLib_nativeThreads(JNIEnv * env, 
     });
 }
 
-JNIEXPORT jint JNICALL Java_org_elemental_NativeLib_nativePhotoMaxSide(JNIEnv * env, jclass, jlong handle) {
-    return guarded(env, jint{0}, [&]() -> jint {
-        elemental::Classifier * classifier = from_handle(env, handle);
-        return classifier ? classifier->photo_max_side() : 0;
-    });
-}
-
-// nativeClassify(handle, rgb, width, height): [label index, ms, p_0 .. p_{n-1}] (probabilities in label order).
+// nativeClassify(handle, rgb, width, height): an RGB888 photo's answer (see answer()).
 JNIEXPORT jdoubleArray JNICALL Java_org_elemental_NativeLib_nativeClassify(JNIEnv * env, jclass, jlong handle,
                                                                            jbyteArray rgb, jint width, jint height) {
     return guarded(env, jdoubleArray{nullptr}, [&]() -> jdoubleArray {
         elemental::Classifier * classifier = from_handle(env, handle);
-        if (!classifier) {
-            return nullptr;
-        }
-        if (rgb == nullptr) {
-            throw_elemental(env, "bitmap is null");
-            return nullptr;
-        }
-        const jsize size = env->GetArrayLength(rgb);
-        jbyte * bytes = env->GetByteArrayElements(rgb, nullptr);
-        if (bytes == nullptr) {  // OutOfMemoryError pending
-            return nullptr;
-        }
-        elemental::Prediction p;
-        elemental::Error error;
-        try {
-            error = classifier->classify(reinterpret_cast<const uint8_t *>(bytes), static_cast<size_t>(size), width,
-                                         height, p);
-        } catch (...) {
-            env->ReleaseByteArrayElements(rgb, bytes, JNI_ABORT);
-            throw;
-        }
-        env->ReleaseByteArrayElements(rgb, bytes, JNI_ABORT);  // read only: nothing to copy back
-        if (error) {
-            throw_elemental(env, error.message);
-            return nullptr;
-        }
-        std::vector<jdouble> values = {static_cast<jdouble>(p.label_index), p.ms};
-        values.insert(values.end(), p.probabilities.begin(), p.probabilities.end());
-        jdoubleArray out = env->NewDoubleArray(static_cast<jsize>(values.size()));
-        if (out != nullptr) {
-            env->SetDoubleArrayRegion(out, 0, static_cast<jsize>(values.size()), values.data());
-        }
-        return out;
+        const auto classify = [&](const uint8_t * bytes, size_t size, elemental::Prediction & p) {
+            return classifier->classify(bytes, size, width, height, p);
+        };
+        return classifier ? with_bytes(env, rgb, "bitmap", classify) : nullptr;
+    });
+}
+
+// nativeClassifyJpeg(handle, jpeg): a JPEG file's answer, decoded by the library (see answer()).
+JNIEXPORT jdoubleArray JNICALL Java_org_elemental_NativeLib_nativeClassifyJpeg(JNIEnv * env, jclass, jlong handle,
+                                                                               jbyteArray jpeg) {
+    return guarded(env, jdoubleArray{nullptr}, [&]() -> jdoubleArray {
+        elemental::Classifier * classifier = from_handle(env, handle);
+        const auto classify = [&](const uint8_t * bytes, size_t size, elemental::Prediction & p) {
+            return classifier->classify_jpeg(bytes, size, p);
+        };
+        return classifier ? with_bytes(env, jpeg, "jpeg", classify) : nullptr;
     });
 }
 

@@ -87,9 +87,6 @@ class ElementClassifier private constructor(handle: Long) : Closeable {
     /** The threads each photo is computed with. */
     val threads: Int = NativeLib.nativeThreads(handle)
 
-    /** The long side a photo is brought down to before the model sees it: decode JPEGs at draftScale(w, h, this). */
-    val photoMaxSide: Int = NativeLib.nativePhotoMaxSide(handle)
-
     // One worker thread, started when there is work and ended after 30 s idle, so a closed (or forgotten)
     // classifier holds no thread; core size 0 with one thread at most keeps the calls in order.
     private val worker = ThreadPoolExecutor(0, 1, 30, TimeUnit.SECONDS, LinkedBlockingQueue<Runnable>()) { task ->
@@ -98,12 +95,22 @@ class ElementClassifier private constructor(handle: Long) : Closeable {
     private val dispatcher = worker.asCoroutineDispatcher()
 
     /** Classifies an RGB888 photo (`rgb.size >= width * height * 3`, rows top to bottom, upright). */
-    suspend fun classify(rgb: ByteArray, width: Int, height: Int): Classification {
+    suspend fun classify(rgb: ByteArray, width: Int, height: Int): Classification =
+        onWorker { NativeLib.nativeClassify(it, rgb, width, height) }
+
+    /**
+     * Classifies a JPEG file's bytes, decoded by the native library exactly as `elemental classify` decodes them
+     * (libjpeg-turbo with Pillow's settings, at the reduced scale photoMaxSide allows, upright by EXIF): the same
+     * pixels as training and evaluation saw, and a few MB for a 50-MP photo. Use it for every JPEG.
+     */
+    suspend fun classifyJpeg(jpeg: ByteArray): Classification = onWorker { NativeLib.nativeClassifyJpeg(it, jpeg) }
+
+    // One native call on the classifier's thread, its answer ([label index, ms, p...]) read back.
+    private suspend fun onWorker(call: (handle: Long) -> DoubleArray?): Classification {
         if (closed) throw ElementalException("the classifier is closed")
         return withContext(dispatcher) {
             if (closed) throw ElementalException("the classifier is closed")
-            val r = NativeLib.nativeClassify(native.get(), rgb, width, height)
-                ?: throw ElementalException("the native library returned no result")
+            val r = call(native.get()) ?: throw ElementalException("the native library returned no result")
             val probabilities = LinkedHashMap<String, Double>()
             labels.forEachIndexed { i, label -> probabilities[label] = r[2 + i] }
             Classification(labels[r[0].toInt()], probabilities, r[1])

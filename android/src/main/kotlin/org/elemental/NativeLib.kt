@@ -8,8 +8,8 @@ internal object NativeLib {
     @JvmStatic external fun nativeOpen(folder: String, threads: Int, repack: Int, quant: String, backendDir: String): Long
     @JvmStatic external fun nativeLabels(handle: Long): Array<String?>?
     @JvmStatic external fun nativeThreads(handle: Long): Int
-    @JvmStatic external fun nativePhotoMaxSide(handle: Long): Int
     @JvmStatic external fun nativeClassify(handle: Long, rgb: ByteArray, width: Int, height: Int): DoubleArray?
+    @JvmStatic external fun nativeClassifyJpeg(handle: Long, jpeg: ByteArray): DoubleArray?
     @JvmStatic external fun nativeClose(handle: Long)
     @JvmStatic external fun nativeInstances(): Int
 }

@@ -1,21 +1,10 @@
-// Photo pixels for the classifier without Android classes, so the desktop tests run them: the JPEG decode scale
-// that keeps a big photo's memory small, and the upright RGB888 buffer built row by row from decoded ARGB rows.
+// Photo pixels for the classifier without Android classes, so the desktop tests run them: which bytes are a JPEG (the
+// library decodes those itself), and the upright RGB888 buffer built row by row from a platform decoder's ARGB rows.
 package org.elemental
 
-/**
- * The JPEG decoder's reduction (1, 2, 4 or 8, its DCT scales) for a `width` x `height` photo that will be shrunk
- * to `maxSide` on its long side: the largest that keeps the photo at least that big. It is the choice the desktop
- * makes (Pillow's draft mode in `elemental.images`), so a 50-MP photo is decoded at 1/8 scale instead of full
- * size on the phone too (Android: BitmapFactory.Options.inSampleSize).
- */
-fun draftScale(width: Int, height: Int, maxSide: Int): Int {
-    val longSide = maxOf(width, height)
-    if (maxSide < 1 || longSide <= maxSide) return 1
-    val targetW = maxOf(1L, width.toLong() * maxSide / longSide)
-    val targetH = maxOf(1L, height.toLong() * maxSide / longSide)
-    val scale = minOf(width / targetW, height / targetH)
-    return intArrayOf(8, 4, 2).firstOrNull { scale >= it } ?: 1
-}
+/** Whether `bytes` start as a JPEG does (FF D8 FF): those go to ElementClassifier.classifyJpeg, the library's decoder. */
+fun isJpeg(bytes: ByteArray): Boolean =
+    bytes.size >= 3 && bytes[0] == 0xFF.toByte() && bytes[1] == 0xD8.toByte() && bytes[2] == 0xFF.toByte()
 
 /**
  * An upright RGB888 photo (what ElementClassifier.classify takes), filled one decoded row at a time.

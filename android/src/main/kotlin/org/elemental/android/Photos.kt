@@ -1,8 +1,8 @@
 // Android conveniences on top of ElementClassifier: the classifier opened with the app's native library folder
 // (llama.cpp's CPU backends live there), and photos from a Bitmap, a Photo Picker Uri, a file or a stream.
 // Needs the Android SDK: compiled by Gradle in the app, not by elemental's desktop tests. The work is done by
-// tested plain-Kotlin code (org.elemental: draftScale, UprightRgb, ElementClassifier); this file only asks
-// Android's decoder for pixels.
+// tested code (ElementClassifier.classifyJpeg and the library's JPEG decoder, isJpeg, UprightRgb); this file only
+// reads bytes and asks Android's decoder for the pixels of what is not a JPEG.
 package org.elemental.android
 
 import android.content.Context
@@ -17,7 +17,8 @@ import org.elemental.ElementClassifier
 import org.elemental.ElementalException
 import org.elemental.Repack
 import org.elemental.UprightRgb
-import org.elemental.draftScale
+import org.elemental.isJpeg
+import java.io.ByteArrayInputStream
 import java.io.File
 import java.io.InputStream
 
@@ -39,27 +40,28 @@ suspend fun ElementClassifier.classify(bitmap: Bitmap): Classification {
     return classify(photo.rgb, photo.width, photo.height)
 }
 
-/** Classifies a photo from the Photo Picker (or any content Uri), decoded at reduced scale and turned upright. */
+/** Classifies a photo from the Photo Picker (or any content Uri), as classifyStream does. */
 suspend fun ElementClassifier.classify(context: Context, uri: Uri): Classification =
     classifyStream { context.contentResolver.openInputStream(uri) ?: throw ElementalException("$uri: cannot be opened") }
 
-/** Classifies a photo file, decoded at reduced scale and turned upright. */
+/** Classifies a photo file, as classifyStream does. */
 suspend fun ElementClassifier.classify(file: File): Classification = classifyStream { file.inputStream() }
 
-/** Classifies the photo `open` streams (called up to three times: size, EXIF, pixels). */
+/**
+ * Classifies the photo `open` streams. A JPEG (what cameras write) goes to the library's own decoder
+ * (ElementClassifier.classifyJpeg): the pixels `elemental classify` sees, decoded at reduced scale (a 50-MP photo
+ * costs about 32 MB, measured on the desktop JVM). Other formats are decoded whole by Android, as the desktop decodes
+ * them whole, and turned upright by their EXIF orientation.
+ */
 suspend fun ElementClassifier.classifyStream(open: () -> InputStream): Classification {
-    val photo = withContext(Dispatchers.IO) {
-        val bounds = BitmapFactory.Options().apply { inJustDecodeBounds = true }
-        open().use { BitmapFactory.decodeStream(it, null, bounds) }
-        if (bounds.outWidth < 1 || bounds.outHeight < 1) throw ElementalException("not a readable image")
-        val orientation = open().use { ExifInterface(it).getAttributeInt(ExifInterface.TAG_ORIENTATION, ExifInterface.ORIENTATION_NORMAL) }
-        val options = BitmapFactory.Options().apply {
-            inPreferredConfig = Bitmap.Config.ARGB_8888
-            // Only a JPEG is decoded at reduced scale, as on the desktop (Pillow's draft mode is JPEG's DCT scaling);
-            // other formats would be subsampled by skipping pixels, which the desktop never does.
-            inSampleSize = if (bounds.outMimeType == "image/jpeg") draftScale(bounds.outWidth, bounds.outHeight, photoMaxSide) else 1
-        }
-        val bitmap = open().use { BitmapFactory.decodeStream(it, null, options) } ?: throw ElementalException("not a readable image")
+    val bytes = withContext(Dispatchers.IO) { open().use { it.readBytes() } }
+    if (isJpeg(bytes)) return classifyJpeg(bytes)
+    val photo = withContext(Dispatchers.Default) {
+        val orientation = ExifInterface(ByteArrayInputStream(bytes))
+            .getAttributeInt(ExifInterface.TAG_ORIENTATION, ExifInterface.ORIENTATION_NORMAL)
+        val options = BitmapFactory.Options().apply { inPreferredConfig = Bitmap.Config.ARGB_8888 }
+        val bitmap = BitmapFactory.decodeByteArray(bytes, 0, bytes.size, options)
+            ?: throw ElementalException("not a readable image (${bytes.size} bytes)")
         try { uprightRgb(bitmap, orientation) } finally { bitmap.recycle() }
     }
     return classify(photo.rgb, photo.width, photo.height)
