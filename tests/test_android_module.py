@@ -76,3 +76,21 @@ def test_every_version_comes_from_the_catalog():
     assert len(set(re.findall(r"libs\.[\w.]+", gradle))) >= 8
     assert "kotlinOptions" not in gradle and re.search(r"kotlin\s*\{\s*jvmToolchain\(17\)\s*\}", gradle)
     assert 'rootProject.name = "elemental"' in (MODULE / "settings.gradle.kts").read_text()
+
+
+def test_the_guides_android_only_lines_call_what_photos_kt_declares():
+    """docs/android.md's few Android-only lines (the Photo Picker) compile nowhere here: each call they make into
+    elemental is held to a function Photos.kt or the Kotlin API declares, with as many parameters."""
+    doc = (ROOT / "docs/android.md").read_text()
+    fenced = (b.split("\n", 1) for b in doc.split("```")[1::2])
+    blocks = [body for lang, body in fenced if lang.strip() == "kotlin android-only"]
+    assert blocks, "docs/android.md has no Android-only block"
+    sources = "\n".join(p.read_text() for p in (MODULE / "src/main/kotlin/org/elemental").rglob("*.kt"))
+    declared: dict[str, set[int]] = {}
+    for name, params in re.findall(r"fun (?:ElementClassifier\.)?(\w+)\(([^)]*)\)", sources):
+        declared.setdefault(name, set()).add(len([p for p in params.split(",") if p.strip()]))
+    calls = [(name, len([a for a in args.split(",") if a.strip()]))
+             for body in blocks for name, args in re.findall(r"classifier\.(\w+)\(([^()]*)\)", body)]
+    assert calls, "the Android-only block calls nothing of elemental's"
+    for name, n in calls:
+        assert n in declared.get(name, set()), f"docs/android.md calls classifier.{name} with {n} arguments"
