@@ -273,12 +273,11 @@ def test_a_persistent_server_error_rejects_the_photo_and_the_run_goes_on(server,
     assert r.status == "rejected" and r.reject_reason.startswith("server_error:") and "500" in r.reject_reason
     assert KEY not in r.reject_reason
     assert all(results[s].element == truth[s] for s, _ in photos[1:])  # the others were labeled meanwhile
-    assert LabelCache(teacher.cache_path).get(sha, teacher.model, teacher.prompt_version).status == "rejected"
-    asked = server.requests[key_of(data)]
-    again = teacher_factory(max_retries=1).label_many(photos, progress=False)  # a re-run does not ask again...
-    assert again[sha].cached and server.requests[key_of(data)] == asked
-    retried = teacher_factory(max_retries=1, retry_rejected=True).label_many(photos, progress=False)
-    assert retried[sha].status == "ok" and retried[sha].element == truth[sha]  # ...unless told to
+    # A server fault bills nothing: it is not cached as a rejection, and the next run asks again by itself.
+    assert LabelCache(teacher.cache_path).get(sha, teacher.model, teacher.prompt_version) is None
+    again = teacher_factory(max_retries=1).label_many(photos, progress=False)
+    assert again[sha].status == "ok" and not again[sha].cached and again[sha].element == truth[sha]
+    assert all(again[s].cached for s, _ in photos[1:])
     assert sum(server.billed.values()) == 3  # and the good answers were never paid twice
 
 
@@ -298,7 +297,7 @@ def test_consecutive_failures_stop_the_run_with_a_clear_keyless_error(server, te
     with pytest.raises(ElementalError) as e:
         teacher.label_many(photos, progress=False)
     msg = str(e.value)
-    assert "3 requests in a row failed" in msg and "500" in msg and "--retry-rejected" in msg
+    assert "3 requests in a row failed" in msg and "500" in msg and "asked again on the next run" in msg
     assert KEY not in msg and "\n" not in msg
     assert sum(server.requests.values()) == 3  # it stopped asking
 
@@ -368,8 +367,24 @@ def test_parameters_an_endpoint_refuses_are_adapted_once(task, tmp_path):
         assert server.params_seen[-1] == {"max_completion_tokens": 300, "temperature": 0.0}
         assert sum(1 for p in server.params_seen if "max_tokens" in p or "seed" in p) == 2  # one refusal each
         assert sorted(teacher.report()["adapted_to_endpoint"]) == [
-            "max_tokens sent as max_completion_tokens", "seed not sent (the endpoint refused it)"]
+            "max_tokens sent as max_completion_tokens", "seed not sent (the endpoint does not support it)"]
         teacher.close()
+
+
+def test_a_context_length_error_naming_max_tokens_keeps_the_answer_length_cap(server, teacher_factory, task):
+    """vLLM's context-length 400 names max_tokens (and max_completion_tokens): that photo fails, nothing changes."""
+    photos, truth = make_photos(task, 3)
+    sha, data = photos[0]
+    vllm = ("'max_tokens' or 'max_completion_tokens' is too large: 300. This model's maximum context length is 2048 "
+            "tokens and your request has 1800 input tokens (300 > 2048 - 1800).")
+    server.script(key_of(data), ("status", 400, {}, {"error": {"message": vllm, "type": "BadRequestError",
+                                                               "param": "max_tokens"}}))
+    teacher = teacher_factory(num_workers=1)
+    results = teacher.label_many(photos, progress=False)
+    assert results[sha].status == "rejected" and results[sha].reject_reason.startswith("api_error:")
+    assert all(results[s].element == truth[s] for s, _ in photos[1:])
+    assert server.params_seen and all(p.get("max_tokens") == 300 for p in server.params_seen)
+    assert teacher.report()["adapted_to_endpoint"] == [] and teacher.request_params()["max_tokens"] == 300
 
 
 @pytest.mark.parametrize("kind", ["fenced", "parts", "chatty"])

@@ -13,13 +13,15 @@ and never keeping a bad answer:
 * HTTP retries (429/5xx/timeouts, with exponential backoff that honours `Retry-After`) are the
   `openai` SDK's own (`max_retries`); the tests prove against a loopback server that it waits at least
   the delay the server asked for. A fault that outlasts them stays the photo's: a 5xx or a timeout
-  makes it `rejected: server_error ...` (cached; `retry_rejected` asks again) and the run goes on. Only
+  makes it `rejected: server_error ...` for this run (not cached: nothing was billed, so the next run asks
+  again) and the run goes on. Only
   systemic faults stop a run: a refused key (401/403), an unknown model or endpoint (404), an exhausted
   quota (429), or `max_consecutive_failures` failures in a row.
 * Requests fit real servers (llama-server, vLLM, Ollama as well as OpenAI): `max_tokens`, temperature 0
-  and a seed are sent; a server that refuses one of them by name gets the request without it (or, for
-  max_tokens, with max_completion_tokens). Answers are read leniently (code fences, text parts around
-  the JSON) and validated strictly.
+  and a seed are sent; a server whose error says one of them is unsupported gets the request without it
+  (the answer-length cap is only ever renamed, max_tokens to max_completion_tokens, never dropped: a
+  context-length error that names max_tokens changes nothing). Answers are read leniently (code fences,
+  text parts around the JSON) and validated strictly.
 * The API key never reaches a log, a file, the cache or an exception message: SDK errors are
   re-raised as one-line ElementalErrors with the key (and anything that looks like a key) scrubbed.
 """
@@ -366,17 +368,23 @@ class _Stats:
                 self.rejects_by_reason[_reject_code(result.reject_reason)] += 1
 
 
+# How servers say a request parameter is not theirs (OpenAI "Unsupported parameter", vLLM/pydantic "Extra inputs are
+# not permitted", others "unknown"/"unrecognized"/"not supported"): only then is a parameter dropped or renamed.
+_UNSUPPORTED = re.compile(r"unsupported|not supported|does not support|unrecognized|unknown (parameter|field|argument)"
+                          r"|extra (inputs|fields) (are )?not permitted|not allowed")
+
+
 class _PhotoFailure(Exception):
     """A request for this one photo failed after the SDK's retries; the photo is rejected, the run goes on.
 
     `code` is the rejection's code: "api_error" (the endpoint refused the request: 400/413/415/422) or
-    "server_error" (5xx, timeout, lost connection). `cache` says whether to record it: everything but a
-    connection that never reached a server, which cost nothing and should simply be asked again.
+    "server_error" (5xx, timeout, lost connection). Neither is cached: neither was billed, so the next run
+    asks again (unless earlier attempts of this photo were paid for).
     """
 
-    def __init__(self, code: str, text: str, cache: bool):
+    def __init__(self, code: str, text: str):
         super().__init__(text)
-        self.code, self.cache = code, cache
+        self.code = code
 
 
 # -- the teacher -------------------------------------------------------------------------------------
@@ -695,7 +703,7 @@ class Teacher:
                 completion = self._create(messages)
             except _PhotoFailure as e:
                 return self._reject(sha, f"{e.code}: {e}", _Prior(attempts, tin, tout),
-                                    store=attempts > 0 or e.cache)
+                                    store=attempts > 0)
             verdict = judge_completion(self.task, completion)
             attempts += 1
             tin += verdict.tokens_in
@@ -763,25 +771,33 @@ class Teacher:
         return completion
 
     def _adapt(self, failure: Exception, sent: dict[str, Any]) -> bool:
-        """A 400 that names one of our sampling parameters: drop it (or rename max_tokens) and say to retry.
+        """A 400 saying one of our sampling parameters is unsupported: drop it, or rename the answer-length cap.
 
-        OpenAI's reasoning models want max_completion_tokens and no temperature; some servers refuse seed.
+        OpenAI's reasoning models want max_completion_tokens and no temperature; some servers refuse seed. Only an
+        error that says the parameter is unsupported counts: vLLM's context-length error names max_tokens too,
+        and dropping the cap for it would let every later answer run on. The cap is renamed when the error names
+        the other spelling, never dropped.
         """
         if not isinstance(failure, openai.BadRequestError):
             return False
         text = str(failure).lower()
+        if not _UNSUPPORTED.search(text):
+            return False
         for name in ("max_tokens", "max_completion_tokens", "temperature", "seed"):
             if name not in sent or not re.search(rf"\b{name}\b", text):
                 continue
+            other = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}.get(name)
+            if other is not None and not re.search(rf"\b{other}\b", text.replace(name, "")):
+                return False  # the cap, and no other spelling offered: the request fails as it is
             with self._state_lock:
                 if name not in self._params:
                     return True  # another thread adapted it already: retry with what is there now
                 value = self._params.pop(name)
-                if name == "max_tokens" and "max_completion_tokens" in text:
-                    self._params["max_completion_tokens"] = value
-                    self.adapted.append("max_tokens sent as max_completion_tokens")
+                if other is not None:
+                    self._params[other] = value
+                    self.adapted.append(f"{name} sent as {other}")
                 else:
-                    self.adapted.append(f"{name} not sent (the endpoint refused it)")
+                    self.adapted.append(f"{name} not sent (the endpoint does not support it)")
             log.warning("teacher endpoint refused %s: %s", name, self.adapted[-1])
             return True
         return False
@@ -796,11 +812,10 @@ class Teacher:
         if isinstance(e, openai.RateLimitError):
             return self._fatal_text(f"still rate limited after retries, or out of quota ({self._error_text(e)})")
         if isinstance(e, openai.APIStatusError) and e.status_code in (400, 413, 415, 422):
-            failure = _PhotoFailure("api_error", self._error_text(e), cache=False)
-        elif isinstance(e, openai.APIStatusError) and e.status_code >= 500 or isinstance(e, openai.APITimeoutError):
-            failure = _PhotoFailure("server_error", self._error_text(e), cache=True)
-        elif isinstance(e, openai.APIConnectionError):
-            failure = _PhotoFailure("server_error", self._error_text(e), cache=False)  # never reached a server
+            failure = _PhotoFailure("api_error", self._error_text(e))
+        elif (isinstance(e, openai.APIStatusError) and e.status_code >= 500
+              or isinstance(e, openai.APITimeoutError | openai.APIConnectionError)):
+            failure = _PhotoFailure("server_error", self._error_text(e))
         else:
             return self._fatal(e)
         with self._state_lock:
@@ -808,7 +823,7 @@ class Teacher:
             streak = self._failure_streak
         if streak >= self.max_consecutive_failures:
             return self._fatal_text(f"{streak} requests in a row failed (max_consecutive_failures), last: {failure}; "
-                                    "photos rejected for server errors are asked again with --retry-rejected")
+                                    "photos rejected for server errors are asked again on the next run")
         return failure
 
     # -- the Batch API path --------------------------------------------------------------------
