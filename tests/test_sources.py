@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -559,6 +560,31 @@ def test_downloads_to_private_addresses_are_refused_unless_allowed(task, web: Se
     assert {i.kind for i in items} == {"private_address"} and "--allow-private-urls" in items[0].reason
     with open_source(f"urls:{tmp_path / 'urls.txt'}", task, timeout=0.5, allow_private_urls=True) as stream:
         assert isinstance(next(stream), Photo)  # the user allowed it
+
+
+def test_a_dns_answer_that_changes_after_the_check_cannot_reach_a_private_address(task, serve, monkeypatch):
+    """DNS rebinding: a name resolves to a public address (8.8.8.8) the first time and to loopback afterwards. The
+    connection is made to the address its own check saw, so the loopback server never sees a request (when the
+    request hook checked and the connection resolved again, unchecked, the photo came from the loopback server)."""
+    asked: list[str] = []
+    local = serve(lambda req: (asked.append(req.path), (200, {"Content-Type": "image/jpeg"}, _jpeg_bytes(3)))[1])
+    port = int(local.url.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    answered: list[str] = []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        answered.append("8.8.8.8" if not answered else "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answered[-1], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    with sources._client(0.5) as client:
+        got = sources._download(client, f"http://rebind.example:{port}/ok.jpg", 0.5, 1_000_000)
+    # The request hook saw 8.8.8.8; the connection resolved once more, saw loopback, and refused it itself.
+    assert answered == ["8.8.8.8", "127.0.0.1"] and asked == [], (answered, asked)
+    assert got == ("private_address", "rebind.example is a loopback, private or link-local address: refused "
+                                      "(--allow-private-urls allows it)")
 
 
 def test_api_item_urls_and_redirects_to_private_addresses_are_refused(task, serve, web: Server):

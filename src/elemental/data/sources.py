@@ -24,8 +24,9 @@ are stored (source ids, locations, reasons) lose query parameters that look like
 
 Network safety: every download and every redirect goes to public addresses only. A URL, a redirect
 or an API item URL that resolves to a loopback, private, link-local (169.254.169.254) or otherwise
-non-global address is refused unless `allow_private_urls` (`--allow-private-urls`); the configured
-API base itself is the user's choice and exempt. A download has a total deadline (5x the timeout)
+non-global address is refused unless `allow_private_urls` (`--allow-private-urls`), at connect time on the
+address the connection is made to (a name resolved once for the check and again for the connection would let
+DNS rebinding through); the configured API base itself is the user's choice and exempt. A download has a total deadline (5x the timeout)
 checked as every piece arrives, so a server that trickles a byte at a time cannot hold a run. What
 a server sends is judged by its bytes, not its Content-Type: a JPEG served as
 application/octet-stream is a photo, an HTML page served as image/jpeg is not.
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import httpcore
 import httpx
 
 from .. import __version__
@@ -367,6 +369,13 @@ class _Refused(httpx.RequestError):
     """A request to an address the user did not allow (loopback, private, link-local, ...)."""
 
 
+def _is_global(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global
+
+
 def is_private_host(host: str) -> bool:
     """Whether `host` (a name or an IP literal) resolves to any address that is not globally routable.
 
@@ -378,13 +387,47 @@ def is_private_host(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError, OSError):
         return False
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if not ip.is_global:
-            return True
-    return False
+    return not all(_is_global(str(info[4][0])) for info in infos)
+
+
+class _VettedBackend(httpcore.SyncBackend):
+    """Connects only to an address it checked itself: the name is resolved once, here, and the connection goes to
+    that very address. Checking a name and then letting the connection resolve it again would let a DNS answer that
+    changes in between (rebinding) reach a private address. TLS still names the host (httpcore sends the hostname
+    for SNI and in the Host header), so certificates are checked as usual. `exempt` is the (host, port) of an API
+    the user configured, which may be anywhere."""
+
+    def __init__(self, exempt: tuple[str, int] | None) -> None:
+        self._exempt = exempt
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        if (host, port) == self._exempt:
+            return super().connect_tcp(host, port, timeout, local_address, socket_options)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError, OSError) as e:
+            raise httpcore.ConnectError(f"{host}: cannot be resolved ({e})") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not all(_is_global(a) for a in addresses):
+            raise _Refused(f"{host} is a loopback, private or link-local address: refused (--allow-private-urls "
+                           "allows it)")
+        for address in addresses[:-1]:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError:
+                continue
+        return super().connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
+
+
+class _VettedTransport(httpx.HTTPTransport):
+    """httpx's own transport whose connections go through _VettedBackend (a direct connection; a configured proxy
+    resolves names itself and keeps the request hook's check)."""
+
+    def __init__(self, exempt: tuple[str, int] | None) -> None:
+        super().__init__(retries=0)
+        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
+                                             network_backend=_VettedBackend(exempt))
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -412,12 +455,19 @@ def _guard(allow_private: bool, exempt: str | None = None) -> list[Callable[[htt
 
 def _client(timeout: float, headers: dict[str, str] | None = None, *, allow_private: bool = False,
             exempt: str | None = None) -> httpx.Client:
+    """A client that refuses non-public addresses (unless `allow_private`): by name before each request (redirects
+    included; the check a proxy leaves us) and at connect, on the very address it connects to."""
+    exempt_at = None
+    if exempt:
+        url = httpx.URL(exempt)
+        exempt_at = (url.host, url.port or (443 if url.scheme == "https" else 80))
     return httpx.Client(
         timeout=httpx.Timeout(timeout),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         event_hooks={"request": _guard(allow_private, exempt)},
+        transport=None if allow_private else _VettedTransport(exempt_at),
     )
 
 
