@@ -26,9 +26,9 @@ Network safety: every download and every redirect goes to public addresses only.
 or an API item URL that resolves to a loopback, private, link-local (169.254.169.254) or otherwise
 non-global address is refused unless `allow_private_urls` (`--allow-private-urls`), at connect time on the
 address the connection is made to (a name resolved once for the check and again for the connection would let
-DNS rebinding through); the configured API base itself is the user's choice and exempt. A download has a total deadline (5x the timeout)
-checked as every piece arrives, so a server that trickles a byte at a time cannot hold a run. What
-a server sends is judged by its bytes, not its Content-Type: a JPEG served as
+DNS rebinding through); the configured API base itself is the user's choice and exempt. A download has a
+total deadline (5x the timeout) checked as every piece arrives, so a server that trickles a byte at a time
+cannot hold a run. What a server sends is judged by its bytes, not its Content-Type: a JPEG served as
 application/octet-stream is a photo, an HTML page served as image/jpeg is not.
 """
 
