@@ -200,6 +200,11 @@ class RunConfig(_Section):
     def merged_model_dir(self) -> Path:
         return self.export.model_path or self.train.output_dir / "final"
 
+    def results_path(self, backend: str) -> Path:
+        """Where `evaluate` writes a backend's results: validation_results.json for hf, _<backend> beside it."""
+        base = self.evaluate.output_path or Path(self.train.output_dir) / "validation_results.json"
+        return base if backend == "hf" else base.with_name(f"{base.stem}_{backend}{base.suffix}")
+
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]

@@ -16,6 +16,7 @@ from .data.records import Record
 from .errors import ElementalError
 from .fileio import read_json, write_json_atomic
 from .lineage import is_gguf_path
+from .runstate import STATE_FILE, RunState, stage_inputs, stage_outputs
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,6 @@ def stage_export(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     return manifest
 
 
-def default_results_path(cfg: RunConfig, backend: str) -> Path:
-    base = cfg.evaluate.output_path or Path(cfg.train.output_dir) / "validation_results.json"
-    return base if backend == "hf" else base.with_name(f"{base.stem}_{backend}{base.suffix}")
-
-
 def evaluate_model(
     classifier: Classifier, dataset_dir: Path, split: str, task: Task, output_path: Path, plot_cm: bool,
     say: Say = print, records: list[Record] | None = None,
@@ -174,7 +170,7 @@ def stage_evaluate(cfg: RunConfig, task: Task, say: Say = print) -> dict[str, di
         # At the geometry the model was trained at (its saved processor / manifest), with a quant that was exported.
         clf = open_classifier(model, task, backend, quant=cfg.export.quant[0], threads=cfg.evaluate.threads)
         out[backend] = evaluate_model(
-            clf, cfg.train.dataset_dir, cfg.evaluate.split, task, default_results_path(cfg, backend),
+            clf, cfg.train.dataset_dir, cfg.evaluate.split, task, cfg.results_path(backend),
             cfg.evaluate.plot_cm, say,
         )
     return out
@@ -204,7 +200,7 @@ def _saved_result(name: str, cfg: RunConfig) -> dict:
         return read_json(cfg.merged_model_dir() / "manifest.json", "merge manifest")
     if name == "export":
         return read_json(Path(cfg.export.output_dir) / "manifest.json", "GGUF manifest")
-    return {b: read_json(default_results_path(cfg, b), "results") for b in cfg.evaluate.backends}
+    return {b: read_json(cfg.results_path(b), "results") for b in cfg.evaluate.backends}
 
 
 def _stages_to_run(cfg: RunConfig, from_stage: str | None, only: str | None) -> tuple[list[str], bool]:
@@ -226,8 +222,6 @@ def run(cfg: RunConfig, say: Say = print, from_stage: str | None = None, only: s
     from its last checkpoint. Returns each stage's result, wall times, what was skipped and the
     run summary (also written to `<run>/run_summary.json`).
     """
-    from .runstate import STATE_FILE, RunState, stage_inputs, stage_outputs
-
     task = Task.from_config(cfg.task)
     stages, forced = _stages_to_run(cfg, from_stage, only)
     state = RunState(Path(cfg.train.output_dir) / STATE_FILE)
@@ -375,8 +369,8 @@ def demo(out_dir: Path, per_class: int = 60, seed: int = 0, cfg: RunConfig | Non
             "lora_adapter": str(Path(cfg.train.output_dir) / "lora_adapter"),
             "final": str(cfg.merged_model_dir()),
             "gguf": str(cfg.export.output_dir),
-            "hf_results": str(default_results_path(cfg, "hf")),
-            "gguf_results": str(default_results_path(cfg, "gguf")),
+            "hf_results": str(cfg.results_path("hf")),
+            "gguf_results": str(cfg.results_path("gguf")),
         },
     }
     write_json_atomic(out_dir / "summary.json", summary)

@@ -139,8 +139,6 @@ def stage_inputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, Any]:
 
 def stage_outputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, str]:
     """What stage `name` writes, as hashes (MISSING where a file or folder is not there)."""
-    from .pipeline import default_results_path
-
     run = Path(cfg.train.output_dir)
     if name == "prepare":
         return {"dataset": h.tree(cfg.prepare.output_dir, (*DATASET_FILES, "metadata.json"))}
@@ -152,7 +150,7 @@ def stage_outputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, str]:
     if name == "export":
         return {"gguf": h.export(cfg.export.output_dir)}
     if name == "evaluate":
-        return {b: h.file(default_results_path(cfg, b)) for b in cfg.evaluate.backends}
+        return {b: h.file(cfg.results_path(b)) for b in cfg.evaluate.backends}
     raise ValueError(name)
 
 
