@@ -587,6 +587,19 @@ def test_a_dns_answer_that_changes_after_the_check_cannot_reach_a_private_addres
                                       "(--allow-private-urls allows it)")
 
 
+def test_downloads_go_through_the_proxy_the_environment_names(task, serve, monkeypatch):
+    """HTTP_PROXY is honoured: the proxy gets the absolute URL and answers for a host this machine cannot resolve
+    (the connect-time check is for direct connections; a proxy resolves names itself)."""
+    seen: list[str] = []
+    proxy = serve(lambda req: (seen.append(req.handler.path), (200, {"Content-Type": "image/jpeg"}, _jpeg_bytes(4)))[1])
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with sources._client(2.0) as client:
+        got = sources._download(client, "http://photos.example.invalid/ok.jpg", 2.0, 1_000_000)
+    assert isinstance(got, bytes) and seen == ["http://photos.example.invalid/ok.jpg"]
+
+
 def test_api_item_urls_and_redirects_to_private_addresses_are_refused(task, serve, web: Server):
     """The configured API base may be anywhere (the user chose it); what it points at may not."""
     fake = FakeOpenverse(ids=["a", "b"])

@@ -42,6 +42,7 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -421,13 +422,19 @@ class _VettedBackend(httpcore.SyncBackend):
 
 
 class _VettedTransport(httpx.HTTPTransport):
-    """httpx's own transport whose connections go through _VettedBackend (a direct connection; a configured proxy
-    resolves names itself and keeps the request hook's check)."""
+    """httpx's own transport whose connections go through _VettedBackend. httpx takes no network backend, so its
+    connection pool is replaced; tests/test_sources.py's rebinding test fails should httpx stop using it."""
 
     def __init__(self, exempt: tuple[str, int] | None) -> None:
         super().__init__(retries=0)
         self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(),
                                              network_backend=_VettedBackend(exempt))
+
+
+def _env_proxy() -> bool:
+    """Whether the environment names a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), which httpx then uses: a client
+    given a transport of its own ignores them, and the proxy resolves names itself anyway."""
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -456,7 +463,8 @@ def _guard(allow_private: bool, exempt: str | None = None) -> list[Callable[[htt
 def _client(timeout: float, headers: dict[str, str] | None = None, *, allow_private: bool = False,
             exempt: str | None = None) -> httpx.Client:
     """A client that refuses non-public addresses (unless `allow_private`): by name before each request (redirects
-    included; the check a proxy leaves us) and at connect, on the very address it connects to."""
+    included; all that can be checked when a proxy connects for us) and, connecting directly, on the very address
+    it connects to."""
     exempt_at = None
     if exempt:
         url = httpx.URL(exempt)
@@ -467,7 +475,7 @@ def _client(timeout: float, headers: dict[str, str] | None = None, *, allow_priv
         max_redirects=MAX_REDIRECTS,
         headers={"User-Agent": USER_AGENT, **(headers or {})},
         event_hooks={"request": _guard(allow_private, exempt)},
-        transport=None if allow_private else _VettedTransport(exempt_at),
+        transport=None if allow_private or _env_proxy() else _VettedTransport(exempt_at),
     )
 
 
