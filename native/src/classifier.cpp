@@ -132,9 +132,7 @@ Error init_llama(const std::string & backend_dir) {
 
 // -- files --------------------------------------------------------------------------------------------
 
-std::string join(const std::string & folder, const std::string & name) {
-    return folder.empty() || folder.back() == '/' ? folder + name : folder + "/" + name;
-}
+using detail::join;
 
 // -- the CPU: AMX ------------------------------------------------------------------------------------
 

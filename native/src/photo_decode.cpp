@@ -420,6 +420,20 @@ std::string libjpeg_error(const JpegState & s) {
 
 }  // namespace
 
+Error check_pixel_cap(uint64_t width, uint64_t height, uint64_t decoded_width, uint64_t decoded_height) {
+    if (decoded_width * decoded_height <= kMaxPhotoPixels) {
+        return {};
+    }
+    char mpx[64];
+    std::snprintf(mpx, sizeof mpx, " = %.0f Mpx", width * height / 1e6);
+    std::string text = std::to_string(width) + "x" + std::to_string(height) + mpx;
+    if (decoded_width != width || decoded_height != height) {
+        text += " (decoded at " + std::to_string(decoded_width) + "x" + std::to_string(decoded_height) + ")";
+    }
+    std::snprintf(mpx, sizeof mpx, "%.0f Mpx", kMaxPhotoPixels / 1e6);
+    return {text + ", over the limit of " + mpx};
+}
+
 bool is_jpeg(const uint8_t * data, size_t size) {
     return starts_with(data, size, "\xFF\xD8\xFF", 3);
 }
@@ -474,17 +488,8 @@ Error decode_photo(const uint8_t * data, size_t size, int max_side, RgbImage & o
         return {libjpeg_error(s)};
     }
     const uint64_t w = s.cinfo.output_width, h = s.cinfo.output_height;
-    if (w * h > kMaxPhotoPixels) {
-        // elemental.images._decode's wording
-        const uint64_t fw = s.cinfo.image_width, fh = s.cinfo.image_height;
-        char mpx[64];
-        std::snprintf(mpx, sizeof mpx, " = %.0f Mpx", fw * fh / 1e6);
-        std::string text = std::to_string(fw) + "x" + std::to_string(fh) + mpx;
-        if (w != fw || h != fh) {
-            text += " (decoded at " + std::to_string(w) + "x" + std::to_string(h) + ")";
-        }
-        std::snprintf(mpx, sizeof mpx, "%.0f Mpx", kMaxPhotoPixels / 1e6);
-        return {text + ", over the limit of " + mpx};
+    if (Error over = check_pixel_cap(s.cinfo.image_width, s.cinfo.image_height, w, h)) {
+        return over;
     }
     const Placement place{jpeg_orientation(data, size), static_cast<ptrdiff_t>(w), static_cast<ptrdiff_t>(h)};
     RgbImage image;

@@ -13,13 +13,14 @@ extern "C" {
 #include <vector>
 
 namespace elemental::detail {
-namespace {
-
-using json = nlohmann::json;
 
 std::string join(const std::string & folder, const std::string & name) {
     return folder.empty() || folder.back() == '/' ? folder + name : folder + "/" + name;
 }
+
+namespace {
+
+using json = nlohmann::json;
 
 bool file_sha256(const std::string & path, std::string & hex) {
     std::ifstream in(path, std::ios::binary);

@@ -16,6 +16,9 @@
 
 namespace elemental::detail {
 
+// `folder`/`name` (no doubled slash): the paths of an export's files.
+std::string join(const std::string & folder, const std::string & name);
+
 class VerifiedStamp {
 public:
     static constexpr const char * kFile = "verified.json";

@@ -4,10 +4,9 @@
 // "peak_rss_kib", the process's peak resident memory, and is printed after an error too (then it has only that).
 // Tests compare the pixels with Pillow's (tests/test_native_decode.py).
 #include "elemental/photo.h"
+#include "photo.h"
 
-#include <charconv>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -51,10 +50,8 @@ int main(int argc, char ** argv) {
             if (++i == argc) {
                 return fail(usage);
             }
-            const std::string text = argv[i];  // strictly: atoi would read "abc" as 0, full size
-            const auto [stop, ec] = std::from_chars(text.data(), text.data() + text.size(), max_side);
-            if (ec != std::errc() || stop != text.data() + text.size() || max_side < 1) {
-                return fail("--max-side must be a whole number of pixels from 1, not '" + text + "'");
+            if (!elemental::tools::parse_side(argv[i], max_side)) {
+                return fail("--max-side must be a whole number of pixels from 1, not '" + std::string(argv[i]) + "'");
             }
         } else {
             paths.push_back(arg);
@@ -64,16 +61,10 @@ int main(int argc, char ** argv) {
         return fail(usage);
     }
     const std::string & path = paths[0];
-    std::error_code ec;
-    const uintmax_t bytes = std::filesystem::file_size(path, ec);
-    if (ec) {
-        return fail(path + ": cannot read (" + ec.message() + ")");
-    }
-    std::vector<uint8_t> data(static_cast<size_t>(bytes));
-    std::ifstream in(path, std::ios::binary);
-    if (!in.read(reinterpret_cast<char *>(data.data()), static_cast<std::streamsize>(data.size()))) {
-        return fail(path + ": cannot read (" + std::to_string(in.gcount()) + " of " + std::to_string(bytes) +
-                    " bytes)");
+    std::vector<unsigned char> data;
+    std::string why;
+    if (!elemental::tools::read_photo_file(path, data, why)) {
+        return fail(why);
     }
     elemental::RgbImage image;
     if (const elemental::Error error = elemental::decode_photo(data.data(), data.size(), max_side, image)) {

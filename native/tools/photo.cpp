@@ -7,6 +7,7 @@
 #include "stb/stb_image.h"
 
 #include <algorithm>
+#include <charconv>
 #include <climits>
 #include <cstdio>
 #include <filesystem>
@@ -46,7 +47,7 @@ std::string format_stb_cannot_read(const std::vector<unsigned char> & d) {
 
 }  // namespace
 
-bool load_photo(const std::string & path, int max_side, RgbImage & out, std::string & error) {
+bool read_photo_file(const std::string & path, std::vector<unsigned char> & data, std::string & error) {
     std::error_code ec;
     if (!fs::is_regular_file(path, ec)) {
         error = "photo not found: " + path;
@@ -66,10 +67,28 @@ bool load_photo(const std::string & path, int max_side, RgbImage & out, std::str
                 " bytes this tool reads";
         return false;
     }
-    std::vector<unsigned char> data(static_cast<size_t>(bytes));
+    data.resize(static_cast<size_t>(bytes));
     std::ifstream in(path, std::ios::binary);
     if (!in.read(reinterpret_cast<char *>(data.data()), static_cast<std::streamsize>(data.size()))) {
         error = path + ": cannot read (" + std::to_string(in.gcount()) + " of " + std::to_string(bytes) + " bytes)";
+        return false;
+    }
+    return true;
+}
+
+bool parse_side(const std::string & text, int & out) {
+    int value = 0;
+    const auto [stop, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (ec != std::errc() || stop != text.data() + text.size() || value < 1) {
+        return false;
+    }
+    out = value;
+    return true;
+}
+
+bool load_photo(const std::string & path, int max_side, RgbImage & out, std::string & error) {
+    std::vector<unsigned char> data;
+    if (!read_photo_file(path, data, error)) {
         return false;
     }
     if (is_jpeg(data.data(), data.size())) {  // the library's decoder: Pillow's pixels, at Pillow's reduced scale
@@ -90,12 +109,8 @@ bool load_photo(const std::string & path, int max_side, RgbImage & out, std::str
                 stb_reads;
         return false;
     }
-    const uint64_t pixels_declared = static_cast<uint64_t>(w) * static_cast<uint64_t>(h);
-    if (pixels_declared > kMaxPhotoPixels) {
-        char mpx[64];
-        std::snprintf(mpx, sizeof mpx, "%.0f Mpx, over the limit of %.0f Mpx", pixels_declared / 1e6,
-                      kMaxPhotoPixels / 1e6);
-        error = path + ": " + std::to_string(w) + "x" + std::to_string(h) + " = " + mpx;
+    if (const Error over = check_pixel_cap(w, h, w, h)) {  // stb_image decodes at full size only
+        error = path + ": " + over.message;
         return false;
     }
     unsigned char * pixels = stbi_load_from_memory(data.data(), length, &w, &h, &channels, 0);

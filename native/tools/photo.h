@@ -7,8 +7,16 @@
 #include "elemental/classifier.h"
 
 #include <string>
+#include <vector>
 
 namespace elemental::tools {
+
+// The bytes of the photo file `path` into `data`; on failure (missing, empty, over INT_MAX bytes, unreadable)
+// returns false and sets `error` naming the file.
+bool read_photo_file(const std::string & path, std::vector<unsigned char> & data, std::string & error);
+
+// A side length in pixels from a command line: a whole number from 1, strictly (atoi would read "abc" as 0).
+bool parse_side(const std::string & text, int & out);
 
 // Decodes `path` for a caller that will bring it to `max_side` (a JPEG is decoded at the reduced scale Pillow's
 // draft mode picks; 0: full size); on failure returns false and sets `error` naming the file. Refused before any

@@ -4,7 +4,6 @@
 #include "elemental/classifier.h"
 #include "photo.h"
 
-#include <charconv>
 #include <cstdio>
 #include <string>
 
@@ -14,13 +13,9 @@ int main(int argc, char ** argv) {
         return 2;
     }
     int max_side = 1024;
-    if (argc > 3) {  // strictly: atoi would turn "abc" into 0, a size shrink_to cannot make
-        const std::string text = argv[3];
-        const auto [stop, ec] = std::from_chars(text.data(), text.data() + text.size(), max_side);
-        if (ec != std::errc() || stop != text.data() + text.size() || max_side < 1) {
-            std::fprintf(stderr, "error: MAX_SIDE must be a whole number of pixels from 1, not '%s'\n", argv[3]);
-            return 2;
-        }
+    if (argc > 3 && !elemental::tools::parse_side(argv[3], max_side)) {
+        std::fprintf(stderr, "error: MAX_SIDE must be a whole number of pixels from 1, not '%s'\n", argv[3]);
+        return 2;
     }
     elemental::RgbImage photo;
     std::string error;

@@ -18,6 +18,10 @@ namespace elemental {
 // elemental.images.DEFAULT_MAX_PIXELS: the most pixels a photo may have once decoded (at its reduced scale).
 constexpr uint64_t kMaxPhotoPixels = 100'000'000;
 
+// The cap above, in elemental.images._decode's words: an error when a width x height photo, decoded at
+// decoded_width x decoded_height (its reduced scale, or the same size), has more than kMaxPhotoPixels pixels.
+Error check_pixel_cap(uint64_t width, uint64_t height, uint64_t decoded_width, uint64_t decoded_height);
+
 // Whether `data` starts as a JPEG does (FF D8 FF, what Pillow's JPEG plugin accepts). decode_photo refuses
 // anything else with an error saying it is not a JPEG; a caller with other decoders (PNG, ...) asks first.
 bool is_jpeg(const uint8_t * data, size_t size);
