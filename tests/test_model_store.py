@@ -300,22 +300,17 @@ def test_corrupt_partial_file_fails_the_check(tmp_path, export, server):
     check_install(tmp_path, export)
 
 
-def test_server_ignoring_range_starts_over(tmp_path, export, server):
+@pytest.mark.parametrize("fault, after_cut", [
+    ("ignore-range", [(f"bytes={CUT}-", 200)]),  # the whole body, from byte 0
+    ("416", [(f"bytes={CUT}-", 416), (None, 200)]),  # the part is not a prefix any more: asked whole
+])
+def test_a_server_that_cannot_resume_makes_the_file_start_over(tmp_path, export, server, fault, after_cut):
     server.faults[BIG] = ("cut", CUT)
     error(store("install", tmp_path, server.url))
-    server.faults[BIG] = ("ignore-range",)
+    server.faults[BIG] = (fault,)
     installed(store("install", tmp_path, server.url))
-    second = server.requests(BIG)[1]
-    assert second["range"] == f"bytes={CUT}-" and second["status"] == 200 and second["sent"] == FILES[BIG][2]
-    check_install(tmp_path, export)
-
-
-def test_416_starts_over(tmp_path, export, server):
-    server.faults[BIG] = ("cut", CUT)
-    error(store("install", tmp_path, server.url))
-    server.faults[BIG] = ("416",)
-    installed(store("install", tmp_path, server.url))
-    assert [(r["range"], r["status"]) for r in server.requests(BIG)[1:]] == [(f"bytes={CUT}-", 416), (None, 200)]
+    requests = server.requests(BIG)[1:]
+    assert [(r["range"], r["status"]) for r in requests] == after_cut and requests[-1]["sent"] == FILES[BIG][2]
     check_install(tmp_path, export)
 
 
