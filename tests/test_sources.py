@@ -20,13 +20,15 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from elemental.data import sources
 from elemental.data.sources import (
     UNSPLASH_TERMS_NOTE,
     Photo,
     Rejected,
+    folder,
     is_private_host,
+    net,
     open_source,
+    search,
     source_kind,
     stored_url,
 )
@@ -318,7 +320,7 @@ def test_unsplash_403_rate_limit_ends_with_what_was_collected(task, unsplash: Fa
 
 
 def test_unsplash_retries_a_5xx_and_rejects_a_broken_download(task, unsplash: FakeUnsplash, monkeypatch):
-    monkeypatch.setattr(sources, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(search, "RETRY_BACKOFF_S", 0.01)
     unsplash.fail_once = {("forest", 1)}
     unsplash.broken = {"fo02"}
     with _unsplash(task, unsplash, ["forest"], 8) as stream:
@@ -579,8 +581,8 @@ def test_a_dns_answer_that_changes_after_the_check_cannot_reach_a_private_addres
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (answered[-1], port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    with sources._client(0.5) as client:
-        got = sources._download(client, f"http://rebind.example:{port}/ok.jpg", 0.5, 1_000_000)
+    with net._client(0.5) as client:
+        got = net._download(client, f"http://rebind.example:{port}/ok.jpg", 0.5, 1_000_000)
     # The request hook saw 8.8.8.8; the connection resolved once more, saw loopback, and refused it itself.
     assert answered == ["8.8.8.8", "127.0.0.1"] and asked == [], (answered, asked)
     assert got == ("private_address", "rebind.example is a loopback, private or link-local address: refused "
@@ -595,8 +597,8 @@ def test_downloads_go_through_the_proxy_the_environment_names(task, serve, monke
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    with sources._client(2.0) as client:
-        got = sources._download(client, "http://photos.example.invalid/ok.jpg", 2.0, 1_000_000)
+    with net._client(2.0) as client:
+        got = net._download(client, "http://photos.example.invalid/ok.jpg", 2.0, 1_000_000)
     assert isinstance(got, bytes) and seen == ["http://photos.example.invalid/ok.jpg"]
 
 
@@ -725,11 +727,11 @@ def test_photo_whose_link_breaks_after_the_scan_is_rejected_with_the_target(tmp_
     """A folder is scanned first and read later: a link broken in between is reported, not a crash."""
     link = tmp_path / "a.jpg"
     link.symlink_to(tmp_path / "elsewhere" / "a.jpg")
-    got = sources._read_local(link, "a.jpg", "water")
+    got = folder._read_local(link, "a.jpg", "water")
     assert isinstance(got, Rejected) and got.kind == "unreadable"
     target = tmp_path / "elsewhere" / "a.jpg"
     assert got.reason == f"{link}: broken symbolic link (points to {target}, which does not exist)"
-    gone = sources._read_local(tmp_path / "b.jpg", "b.jpg", "water")
+    gone = folder._read_local(tmp_path / "b.jpg", "b.jpg", "water")
     assert isinstance(gone, Rejected) and "disappeared before it was read" in gone.reason
 
 
