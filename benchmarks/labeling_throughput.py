@@ -1,4 +1,4 @@
-"""Labeling throughput against the loopback OpenAI-compatible server (issue: ≥ 20 photos/s, 0 duplicate bills).
+"""Labeling throughput against the loopback OpenAI-compatible server (targets: targets.toml [labeling_throughput]).
 
 Run:  .venv/bin/python benchmarks/labeling_throughput.py [--photos 400] [--workers 8] [--delay 0.05]
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import targets  # this folder's targets.toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -29,7 +30,7 @@ from elemental.images import encode_jpeg  # noqa: E402
 from elemental.synthetic import synthetic_photo  # noqa: E402
 from elemental.task import Task  # noqa: E402
 
-TARGET_PHOTOS_PER_S = 20.0
+TARGET_PHOTOS_PER_S = targets.load("labeling_throughput")["min_photos_per_s"]
 
 
 def main() -> int:
