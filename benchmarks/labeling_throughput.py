@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fake_openai import FakeOpenAI  # noqa: E402
 
 from elemental.config import TaskConfig  # noqa: E402
-from elemental.data.labeling import Teacher  # noqa: E402
+from elemental.data.teacher import Teacher  # noqa: E402
 from elemental.images import encode_jpeg  # noqa: E402
 from elemental.synthetic import synthetic_photo  # noqa: E402
 from elemental.task import Task  # noqa: E402

@@ -63,6 +63,13 @@ class FakeOpenAI:
     send around a good answer: "fenced" (a ```json fence), "parts" (a list of content parts),
     "chatty" (words before and after the JSON object).
     `refuse_params` names request parameters answered with OpenAI's 400 "Unsupported parameter".
+    `served_model` is the `model` every answer names (as llama-server names its GGUF whatever was asked
+    for); unset, the requested name is echoed. A text-only request (the teacher's probe) is answered
+    "OK" and counted in `probes`, not per photo.
+    Batches finish after `batch_polls_to_complete` polls, or with `batch_seconds` set, on the first poll
+    `batch_seconds` after their creation (all batches run at once: `max_batches_running`); a batch
+    ends `batch_end_status` ("completed", or e.g. "expired" with only its first `batch_answer_first`
+    requests answered, as an expired OpenAI batch keeps what it finished).
     """
 
     def __init__(
@@ -73,8 +80,17 @@ class FakeOpenAI:
         labeler: Callable[[Image.Image], str] = element_of,
         batch_polls_to_complete: int = 2,
         refuse_params: frozenset[str] = frozenset(),
+        served_model: str | None = None,
+        batch_seconds: float | None = None,
     ) -> None:
         self.delay = delay
+        self.served_model = served_model
+        self.probes = 0
+        self.probe_fails = False  # answer the probe with a 500 (not billed)
+        self.batch_seconds = batch_seconds
+        self.batch_end_status = "completed"
+        self.batch_answer_first: int | None = None
+        self.max_batches_running = 0
         self.refuse_params = refuse_params
         self.params_seen: list[dict[str, Any]] = []  # sampling parameters of every chat request
         self.expected_key = expected_key
@@ -149,6 +165,8 @@ class FakeOpenAI:
             hint = " Use 'max_completion_tokens' instead." if name == "max_tokens" else ""
             return 400, {}, {"error": {"message": f"Unsupported parameter: '{name}' is not supported with this "
                                                   f"model.{hint}", "type": "invalid_request_error", "param": name}}
+        if _text_only(body):
+            return self._probe(body)
         try:
             jpeg, detail, labels = _check_request(body)
         except ValueError as e:
@@ -235,12 +253,28 @@ class FakeOpenAI:
             "id": f"chatcmpl-{key[:8]}-{self.requests[key]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model,
+            "model": self.served_model or model,
             "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
                          "message": {"role": "assistant", "content": content, "refusal": refusal}}],
             "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
         }
         return 200, {}, completion
+
+    def _probe(self, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            self.probes += 1
+        if self.probe_fails:
+            return 500, {"retry-after-ms": "10"}, {"error": {"message": "The server had an error"}}
+        with self.lock:
+            self.usage_in += 12
+            self.usage_out += 1
+        return 200, {}, {
+            "id": f"chatcmpl-probe-{self.probes}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.served_model or body.get("model", "?"),
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": "OK", "refusal": None}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+        }
 
     # -- files and batches ---------------------------------------------------------------------
     def upload(self, content_type: str, raw: bytes) -> dict[str, Any]:
@@ -274,7 +308,10 @@ class FakeOpenAI:
                 "status": "validating", "output_file_id": None, "error_file_id": None,
                 "created_at": int(time.time()), "metadata": body.get("metadata"),
                 "request_counts": {"total": n, "completed": 0, "failed": 0}, "_polls": 0,
+                "_created": time.monotonic(),
             }
+            running = sum(b["status"] in ("validating", "in_progress") for b in self.batches.values())
+            self.max_batches_running = max(self.max_batches_running, running)
             return 200, _public(self.batches[batch_id])
 
     def retrieve_batch(self, batch_id: str, auth: str) -> tuple[int, Any]:
@@ -282,7 +319,13 @@ class FakeOpenAI:
         if batch is None:
             return 404, {"error": {"message": f"no batch {batch_id}"}}
         batch["_polls"] += 1
-        if batch["status"] == "validating":
+        if self.batch_seconds is not None:
+            if batch["status"] == "validating":
+                batch["status"] = "in_progress"
+            if (batch["status"] == "in_progress" and not self.batch_hold
+                    and time.monotonic() - batch["_created"] >= self.batch_seconds):
+                self._run_batch(batch, auth)
+        elif batch["status"] == "validating":
             batch["status"] = "in_progress"
         elif batch["status"] == "in_progress" and not self.batch_hold:
             if batch["_polls"] >= self.batch_polls_to_complete:
@@ -295,6 +338,8 @@ class FakeOpenAI:
         for line in self.files[batch["input_file_id"]]["content"].decode().splitlines():
             if not line.strip():
                 continue
+            if self.batch_answer_first is not None and len(out_lines) >= self.batch_answer_first:
+                break
             req = json.loads(line)
             status, _, body = self.chat(req["body"], auth, in_batch=True)
             out_lines.append(json.dumps({
@@ -309,13 +354,19 @@ class FakeOpenAI:
                                             "created_at": int(time.time()), "filename": "output.jsonl",
                                             "purpose": "batch_output", "status": "processed"},
                                    "content": content}
-        batch["status"] = "completed"
+        batch["status"] = self.batch_end_status
         batch["output_file_id"] = file_id
         batch["request_counts"]["completed"] = len(out_lines)
 
 
 def _public(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def _text_only(body: dict[str, Any]) -> bool:
+    """A request without an image and without the answer schema: the teacher asking which model serves."""
+    messages = body.get("messages") or []
+    return "response_format" not in body and all(isinstance(m.get("content"), str) for m in messages)
 
 
 def _check_request(body: dict[str, Any]) -> tuple[bytes, str, list[str]]:

@@ -65,8 +65,8 @@ READS = {script.stem: reads(script) for script in SCRIPTS}
 
 def test_the_scripts_that_judge_results_read_their_targets_from_the_file():
     users = {name for name, tables in READS.items() if tables}
-    assert users == {"cpu_precision", "gguf_speed", "import_folder", "labeling_throughput", "llama_cpu", "memory",
-                     "prepare_folder", "train_geometry"}
+    assert users == {"batch_turnaround", "cpu_precision", "gguf_speed", "import_folder", "labeling_throughput",
+                     "llama_cpu", "memory", "prepare_folder", "train_geometry"}
     for name in users:
         assert set(READS[name]) == {name}, f"{name}.py reads another script's table: {set(READS[name])}"
         assert READS[name][name], f"{name}.py loads its table but reads no key from it"

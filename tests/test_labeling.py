@@ -23,18 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elemental.config import TaskConfig
-from elemental.data.label_cache import LabelCache
-from elemental.data.labeling import (
-    BATCH_ENDPOINT,
-    Teacher,
-    chat_messages,
-    estimate_cost,
-    price_per_1m,
-    prompt_version,
-    response_format,
-    teacher_jpeg,
-)
+from elemental.config import ModelPrice, TaskConfig
+from elemental.data.teacher import BatchLabeler, Teacher
+from elemental.data.teacher.batch import BATCH_ENDPOINT
+from elemental.data.teacher.cache import LabelCache, TeacherKey
+from elemental.data.teacher.pricing import cost_usd, default_prices, price_for
+from elemental.data.teacher.prompt import chat_messages, prompt_version, response_format, teacher_jpeg
 from elemental.errors import ElementalError
 from elemental.images import encode_jpeg
 from elemental.synthetic import synthetic_photo
@@ -117,7 +111,10 @@ def test_cache_hit_makes_zero_requests(server, teacher_factory, task, tmp_path):
     assert all(r.cached for r in results.values()) and len(results) == 6
     assert {sha: r.element for sha, r in results.items()} == truth
     report = again.report()
-    assert report["requests"] == 0 and report["cache_hits"] == 6 and report["estimated_cost_usd"] == 0.0
+    assert report["requests"] == 0 and report["cache_hits"] == 6
+    # Before trusting the cache, one text-only request asks which model answers under this name now.
+    assert server.probes == 1 and report["probes"] == 1 and report["tokens_in"] == 12
+    assert report["estimated_cost_usd"] == pytest.approx((12 * 0.15 + 1 * 0.60) / 1e6, abs=1e-6)
 
 
 def test_photos_given_as_files_are_read_only_when_the_teacher_is_asked(server, teacher_factory, task, tmp_path):
@@ -186,7 +183,7 @@ def test_concurrent_calls_with_the_same_photos_pay_once(server, teacher_factory,
 _CHILD = textwrap.dedent("""
     import hashlib, pathlib, sys
     from elemental.config import TaskConfig
-    from elemental.data.labeling import Teacher
+    from elemental.data.teacher import Teacher
     from elemental.task import Task
     photo_dir, cache, url, key = sys.argv[1:5]
     photos = [(hashlib.sha256(b).hexdigest(), b)
@@ -274,7 +271,7 @@ def test_a_persistent_server_error_rejects_the_photo_and_the_run_goes_on(server,
     assert KEY not in r.reject_reason
     assert all(results[s].element == truth[s] for s, _ in photos[1:])  # the others were labeled meanwhile
     # A server fault bills nothing: it is not cached as a rejection, and the next run asks again by itself.
-    assert LabelCache(teacher.cache_path).get(sha, teacher.model, teacher.prompt_version) is None
+    assert LabelCache(teacher.cache_path).get(sha, teacher.key) is None
     again = teacher_factory(max_retries=1).label_many(photos, progress=False)
     assert again[sha].status == "ok" and not again[sha].cached and again[sha].element == truth[sha]
     assert all(again[s].cached for s, _ in photos[1:])
@@ -433,7 +430,7 @@ def test_bad_answers_are_reasked_then_rejected_with_the_reason(server, teacher_f
     assert server.billed[key_of(bad)] == 3  # first ask + 2 re-asks, then it stops
     assert server.messages_seen[key_of(bad)] == [2, 4, 6]  # each re-ask shows the bad answer and what is wrong
     assert results[good_sha].element == truth[good_sha]
-    row = LabelCache(teacher.cache_path).get(bad_sha, teacher.model, teacher.prompt_version)
+    row = LabelCache(teacher.cache_path).get(bad_sha, teacher.key)
     assert row.status == "rejected" and row.reject_reason == r.reject_reason and row.tokens_in > 0
     report = teacher.report()
     assert report["reasks"] == 2 and report["rejected"] == 1 and report["rejects_by_reason"] == {code: 1}
@@ -502,12 +499,20 @@ def test_cost_report_matches_the_usage_the_server_returned(server, teacher_facto
 
 
 def test_price_table():
-    assert price_per_1m("gpt-4o") == (2.50, 10.00)
-    assert price_per_1m("gpt-4o-mini-2024-07-18") == (0.15, 0.60)
-    assert price_per_1m("gpt-4.1-nano") == (0.10, 0.40)
-    assert price_per_1m("llava:13b") is None and estimate_cost("llava:13b", 1000, 10) is None
-    assert estimate_cost("gpt-4.1-mini", 1_000_000, 1_000_000) == pytest.approx(2.00)
-    assert estimate_cost("gpt-4o-mini", 0, 0, 1_000_000, 1_000_000) == pytest.approx(0.375)  # batch: half
+    prices = default_prices()
+
+    def per_1m(model):
+        p = price_for(model, prices)
+        return None if p is None else (p.input_per_1m, p.output_per_1m)
+
+    assert per_1m("gpt-4o") == (2.50, 10.00)
+    assert per_1m("gpt-4o-mini-2024-07-18") == (0.15, 0.60)  # a dated snapshot, as OpenAI names what answered
+    assert per_1m("gpt-4.1-nano") == (0.10, 0.40)
+    assert per_1m("llava:13b") is None
+    assert cost_usd(prices["gpt-4.1-mini"], 1_000_000, 1_000_000) == pytest.approx(2.00)
+    assert cost_usd(prices["gpt-4o-mini"], 1_000_000, 1_000_000, batch=True) == pytest.approx(0.375)  # half
+    mine = {**prices, "local": ModelPrice(input_per_1m=0, output_per_1m=0, photo_tokens_in=300)}
+    assert cost_usd(price_for("local", mine), 10**6, 10**6) == 0.0
 
 
 def test_unknown_model_reports_unknown_price(task, tmp_path):
@@ -528,7 +533,7 @@ def test_api_key_is_never_written_logged_or_raised(server, teacher_factory, task
     server.script(key_of(photos[0][1]), "confidence_high", "confidence_high", "confidence_high")
     teacher = teacher_factory()
     teacher.label_many(photos, progress=False)
-    teacher.label_batch(make_photos(task, 3, seed=1)[0], poll_interval=0.01, progress=False)
+    BatchLabeler(teacher, poll_interval=0.01).label(make_photos(task, 3, seed=1)[0], progress=False)
     messages = [repr(teacher), json.dumps(teacher.report())]
 
     server.default = ["echo_auth"]  # a careless server that repeats the Authorization header in its error
@@ -578,28 +583,33 @@ def test_batch_mode_end_to_end(server, teacher_factory, task):
     photos, truth = make_photos(task, 10)
     reasked, errored = photos[0], photos[1]
     server.script(key_of(reasked[1]), "off_list")  # the batch answer is invalid: re-asked through the normal path
-    server.script(key_of(errored[1]), "500")  # this batch line fails: not billed, labelled through the normal path
+    server.script(key_of(errored[1]), "500")  # this batch line fails: not billed
     teacher = teacher_factory()
-    results = teacher.label_batch(photos, poll_interval=0.01, progress=False)
+    results = BatchLabeler(teacher, poll_interval=0.01).label(photos, progress=False)
 
-    assert {sha: r.element for sha, r in results.items()} == truth
+    # Unanswered by its batch: rejected for this run (not at full price behind the user's back), not cached.
+    r = results.pop(errored[0])
+    assert r.status == "rejected" and r.reject_reason.startswith("batch_unanswered: batch batch_0001 ended completed")
+    assert teacher.cache.get(errored[0], teacher.key) is None and server.billed[key_of(errored[1])] == 0
+    assert {sha: r.element for sha, r in results.items()} == {s: t for s, t in truth.items() if s != errored[0]}
     assert all(r.status == "ok" for r in results.values())
     assert server.endpoint_calls["POST /v1/files"] == 1 and server.endpoint_calls["POST /v1/batches"] == 1
     assert server.billed[key_of(reasked[1])] == 2 and results[reasked[0]].attempts == 2
-    assert server.billed[key_of(errored[1])] == 1
-    assert sum(server.billed.values()) == 11
+    assert sum(server.billed.values()) == 10
     report = teacher.report()
     assert report["batches_submitted"] == 1 and report["batch_answers"] == 9 and report["reasks"] == 1
+    assert report["batch_unanswered"] == 1 and report["batches_failed"] == []
     assert report["batch_tokens_in"] == server.batch_usage_in
     assert report["tokens_in"] == server.usage_in and report["tokens_out"] == server.usage_out
     sync_in, sync_out = server.usage_in - server.batch_usage_in, server.usage_out - server.batch_usage_out
     expected = (sync_in * 0.15 + sync_out * 0.60 + (server.batch_usage_in * 0.15 + server.batch_usage_out * 0.6) / 2)
     assert report["estimated_cost_usd"] == pytest.approx(expected / 1e6, abs=1e-6)
 
-    before = sum(server.requests.values())
-    again = teacher.label_batch(photos, poll_interval=0.01, progress=False)
-    assert all(r.cached for r in again.values()) and sum(server.requests.values()) == before
-    assert server.endpoint_calls["POST /v1/files"] == 1
+    # The next run submits the unanswered photo again (nothing was paid for it); the rest is cached.
+    again = BatchLabeler(teacher, poll_interval=0.01).label(photos, progress=False)
+    assert {sha: r.element for sha, r in again.items()} == truth
+    assert [s for s, r in again.items() if not r.cached] == [errored[0]]
+    assert server.endpoint_calls["POST /v1/files"] == 2 and server.billed[key_of(errored[1])] == 1
 
 
 def test_batch_resumes_by_id_instead_of_paying_again(server, teacher_factory, task):
@@ -607,14 +617,14 @@ def test_batch_resumes_by_id_instead_of_paying_again(server, teacher_factory, ta
     server.batch_hold = True  # the batch takes longer than this run is willing to wait
     first = teacher_factory()
     with pytest.raises(ElementalError, match=r"batch_0001 .*re-run to resume"):
-        first.label_batch(photos, poll_interval=0.01, max_wait=0.2, progress=False)
+        BatchLabeler(first, poll_interval=0.01, max_wait=0.2).label(photos, progress=False)
     first.close()
     assert server.endpoint_calls["POST /v1/batches"] == 1
 
     server.batch_hold = False
     more, more_truth = make_photos(task, 2, seed=7)  # photos not in the running batch get a batch of their own
     second = teacher_factory()
-    results = second.label_batch(photos + more, poll_interval=0.01, progress=False)
+    results = BatchLabeler(second, poll_interval=0.01).label(photos + more, progress=False)
     assert {s: r.element for s, r in results.items()} == {**truth, **more_truth}
     assert server.endpoint_calls["POST /v1/batches"] == 2 and server.endpoint_calls["POST /v1/files"] == 2
     assert len(server.billed) == 8 and set(server.billed.values()) == {1}
@@ -632,44 +642,166 @@ def test_batch_created_but_not_recorded_is_adopted_not_resubmitted(server, teach
                                   "response_format": response_format(task)}}) for sha, data in photos]
     client = openai.OpenAI(api_key=KEY, base_url=server.base_url)
     file = client.files.create(file=("in.jsonl", "\n".join(lines).encode(), "application/jsonl"), purpose="batch")
-    teacher.cache.record_batch_upload(file.id, teacher.model, teacher.prompt_version, [s for s, _ in photos])
+    teacher.cache.record_batch_upload(file.id, teacher.key, [s for s, _ in photos])
     client.batches.create(input_file_id=file.id, endpoint=BATCH_ENDPOINT, completion_window="24h")
     client.close()
 
-    results = teacher.label_batch(photos, poll_interval=0.01, progress=False)
+    results = BatchLabeler(teacher, poll_interval=0.01).label(photos, progress=False)
     assert {s: r.element for s, r in results.items()} == truth
     assert server.endpoint_calls["POST /v1/batches"] == 1 and server.endpoint_calls["POST /v1/files"] == 1
     assert set(server.billed.values()) == {1}
+
+
+def test_batches_run_together_and_are_consumed_as_they_finish(task, tmp_path):
+    photos, truth = make_photos(task, 24)
+    with FakeOpenAI(batch_seconds=0.3) as srv, Teacher(task, cache_path=tmp_path / "c.sqlite",
+                                                        base_url=srv.base_url) as teacher:
+        results = BatchLabeler(teacher, max_photos=5, poll_interval=0.05).label(photos, progress=False)
+        report = teacher.report()
+    assert {s: r.element for s, r in results.items()} == truth
+    assert report["batches_submitted"] == 5 == srv.endpoint_calls["POST /v1/batches"]  # 5+5+5+5+4 photos
+    # All five were in flight at once: the last was created before the first one finished.
+    assert srv.max_batches_running == 5
+    assert set(srv.billed.values()) == {1} and report["requests"] == 0
+
+
+@pytest.mark.parametrize("fallback", ["none", "sync"])
+def test_an_expired_batch_falls_back_to_full_price_only_when_asked(task, tmp_path, fallback, caplog):
+    photos, truth = make_photos(task, 6)
+    with FakeOpenAI() as srv, Teacher(task, cache_path=tmp_path / "c.sqlite", base_url=srv.base_url) as teacher:
+        srv.batch_end_status, srv.batch_answer_first = "expired", 4  # it finished 4 of 6 in its window
+        results = BatchLabeler(teacher, poll_interval=0.01, fallback=fallback).label(photos, progress=False)
+        report = teacher.report()
+    done = [s for s, r in results.items() if r.status == "ok"]
+    assert report["batches_failed"] == ["batch_0001 (expired)"] and report["batch_unanswered"] == 2
+    assert "labelling them synchronously" in caplog.text  # and what that costs, priced from the price table
+    assert all(results[s].element == truth[s] for s in done)
+    if fallback == "none":
+        assert len(done) == 4 and report["requests"] == 0 and sum(srv.billed.values()) == 4
+        left = [r for r in results.values() if r.status == "rejected"]
+        assert all(r.reject_reason.startswith("batch_unanswered: batch batch_0001 ended expired") for r in left)
+        assert "would cost ≈ $" in caplog.text
+    else:
+        assert len(done) == 6 and report["requests"] == 2 and sum(srv.billed.values()) == 6
+
+
+def test_another_model_behind_the_same_name_is_asked_again(task, tmp_path):
+    """llama-server names the GGUF it serves in every answer, whatever model name was asked for."""
+    photos, truth = make_photos(task, 4)
+    cache = tmp_path / "c.sqlite"
+    with FakeOpenAI(served_model="qwen-7b-q4.gguf") as srv:
+        def run() -> dict:
+            with Teacher(task, cache_path=cache, base_url=srv.base_url, model="local") as teacher:
+                results = teacher.label_many(photos, progress=False)
+                assert {s: r.element for s, r in results.items()} == truth
+                return teacher.report()
+
+        first = run()
+        assert first["served_models"] == ["qwen-7b-q4.gguf"] and first["probes"] == 0  # nothing cached to check
+        srv.served_model = "llava-13b.gguf"  # the user restarts the server with another model, same name
+        second = run()
+        assert second["probes"] == 1 and second["requests"] == 4 and second["reasked_other_model"] == 4
+        assert set(srv.billed.values()) == {2}
+        srv.served_model = "qwen-7b-q4.gguf"  # and back: both models' answers are kept
+        third = run()
+        assert third["probes"] == 1 and third["requests"] == 0 and third["cache_hits"] == 4
+    with LabelCache(cache) as c:
+        key = TeacherKey("local", prompt_version(task), srv.base_url.split("/")[2])
+        assert c.served_models(key) == {"qwen-7b-q4.gguf": 4, "llava-13b.gguf": 4}
+
+
+def test_a_failed_probe_leaves_the_cached_answers_in_use(task, tmp_path, caplog):
+    photos, truth = make_photos(task, 3)
+    with FakeOpenAI() as srv:
+        with Teacher(task, cache_path=tmp_path / "c.sqlite", base_url=srv.base_url, model="local") as first:
+            first.label_many(photos, progress=False)
+        srv.probe_fails = True
+        with Teacher(task, cache_path=tmp_path / "c.sqlite", base_url=srv.base_url, model="local",
+                     max_retries=0) as teacher:
+            results = teacher.label_many(photos, progress=False)
+            report = teacher.report()
+    assert all(r.cached for r in results.values()) and {s: r.element for s, r in results.items()} == truth
+    assert srv.probes == 1 and report["requests"] == 0 and report["probes"] == 0
+    assert "could not ask" in caplog.text and "cached answers are used as they are" in caplog.text
+
+
+def test_answers_of_another_host_are_not_reused(task, tmp_path):
+    photos, _ = make_photos(task, 3)
+    cache = tmp_path / "c.sqlite"
+    for _ in range(2):  # two servers, two ports: two teachers, though the model name is the same
+        with FakeOpenAI() as srv, Teacher(task, cache_path=cache, base_url=srv.base_url, model="local") as teacher:
+            teacher.label_many(photos, progress=False)
+            assert teacher.report()["requests"] == 3 and srv.probes == 0
 
 
 # -- the cache on its own --------------------------------------------------------------------------
 
 def test_label_cache_api(tmp_path):
     path = tmp_path / "deep" / "labels.sqlite"
+    k1, k2 = TeacherKey("m", "pv1", "h:1"), TeacherKey("m", "pv2", "h:1")
     with LabelCache(path) as cache:
-        cache.put("a" * 64, "m", "pv1", status="ok", element="fire", reason="flames", confidence=0.9,
+        cache.put("a" * 64, k1, served_model="m.gguf", status="ok", element="fire", reason="flames", confidence=0.9,
                   attempts=1, tokens_in=120, tokens_out=22)
-        cache.put("b" * 64, "m", "pv1", status="rejected", reject_reason="off_list: 'plasma'", attempts=3,
-                  tokens_in=300, tokens_out=60)
-        cache.put("a" * 64, "m", "pv2", status="ok", element="water", reason="waves", confidence=0.8)
-        assert cache.get("a" * 64, "m", "pv1").element == "fire"
-        assert cache.get("a" * 64, "other-model", "pv1") is None
-        assert set(cache.get_many(["a" * 64, "b" * 64, "c" * 64], "m", "pv1")) == {"a" * 64, "b" * 64}
-        assert cache.stats("m", "pv1") == {"entries": 2, "ok": 1, "rejected": 1, "tokens_in": 420,
+        cache.put("b" * 64, k1, served_model="m.gguf", status="rejected", reject_reason="off_list: 'plasma'",
+                  attempts=3, tokens_in=300, tokens_out=60)
+        cache.put("a" * 64, k2, served_model="m.gguf", status="ok", element="water", reason="waves", confidence=0.8)
+        assert cache.get("a" * 64, k1).element == "fire"
+        assert cache.get("a" * 64, TeacherKey("other-model", "pv1", "h:1")) is None
+        assert cache.get("a" * 64, TeacherKey("m", "pv1", "other-host")) is None  # another endpoint's answers
+        assert set(cache.get_many(["a" * 64, "b" * 64, "c" * 64], k1)) == {"a" * 64, "b" * 64}
+        # Another model behind the same name: its answer is kept beside the first, and each is found by its model.
+        cache.put("a" * 64, k1, served_model="other.gguf", status="ok", element="wood", reason="bark", confidence=0.7)
+        assert cache.get("a" * 64, k1, served="m.gguf").element == "fire"
+        assert cache.get("a" * 64, k1, served="other.gguf").element == "wood"
+        assert cache.get("a" * 64, k1, served="third.gguf") is None
+        assert cache.served_models(k1) == {"m.gguf": 2, "other.gguf": 1}
+        assert cache.stats("m", "pv1") == {"entries": 3, "ok": 2, "rejected": 1, "tokens_in": 420,
                                            "tokens_out": 82, "batches": 0}
         assert [r.element for r in cache.iter_labels(prompt_version="pv2")] == ["water"]
-        assert cache.delete(["b" * 64], "m", "pv1") == 1 and cache.stats()["entries"] == 2
         with pytest.raises(ValueError):
-            cache.put("c" * 64, "m", "pv1", status="maybe")  # type: ignore[arg-type]
-        cache.record_batch_upload("file-1", "m", "pv1", ["a" * 64, "b" * 64])
-        assert cache.open_batches("m", "pv1")[0].batch_id is None
+            cache.put("c" * 64, k1, served_model="m", status="maybe")  # type: ignore[arg-type]
+        cache.record_batch_upload("file-1", k1, ["a" * 64, "b" * 64])
+        assert cache.open_batches(k1)[0].batch_id is None
+        assert cache.open_batches(TeacherKey("m", "pv1", "other-host")) == []
         cache.record_batch_created("file-1", "batch_1", "validating")
         cache.set_batch_state("batch_1", "completed", output_file_id="file-2")
-        (rec,) = cache.open_batches("m", "pv1")
+        (rec,) = cache.open_batches(k1)
         assert (rec.batch_id, rec.state, rec.output_file_id, rec.shas) == ("batch_1", "completed", "file-2",
                                                                            ("a" * 64, "b" * 64))
         cache.set_batch_state("batch_1", "consumed")
-        assert cache.open_batches("m", "pv1") == []
+        assert cache.open_batches(k1) == []
+
+
+def test_a_cache_from_before_hosts_were_recorded_is_migrated_and_stays_readable(tmp_path):
+    """Schema 0 (keyed by photo, model and prompt version): its answers came from OpenAI, the default endpoint."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE labels (sha256 TEXT NOT NULL, model TEXT NOT NULL, prompt_version TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')), element TEXT, reason TEXT, confidence REAL,
+            reject_reason TEXT, attempts INTEGER NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
+            via TEXT NOT NULL DEFAULT 'sync', created_at TEXT NOT NULL, PRIMARY KEY (sha256, model, prompt_version));
+        CREATE TABLE batches (input_file_id TEXT PRIMARY KEY, batch_id TEXT UNIQUE, model TEXT NOT NULL,
+            prompt_version TEXT NOT NULL, state TEXT NOT NULL, output_file_id TEXT, error_file_id TEXT,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+        CREATE TABLE batch_items (input_file_id TEXT NOT NULL REFERENCES batches(input_file_id),
+            sha256 TEXT NOT NULL, PRIMARY KEY (input_file_id, sha256));
+        INSERT INTO labels VALUES ('aaaa', 'gpt-4o-mini', 'pv1', 'ok', 'fire', 'flames', 0.9, NULL, 1, 100, 20,
+                                   'sync', '2026-01-01T00:00:00+00:00');
+        INSERT INTO batches VALUES ('file-1', 'batch_1', 'gpt-4o-mini', 'pv1', 'in_progress', NULL, NULL,
+                                    '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00');
+        INSERT INTO batch_items VALUES ('file-1', 'bbbb');
+    """)
+    db.close()
+    openai_key = TeacherKey("gpt-4o-mini", "pv1", "api.openai.com", legacy=True)
+    with LabelCache(path) as cache:
+        row = cache.get("aaaa", openai_key, served="gpt-4o-mini-2024-07-18")
+        assert (row.element, row.host, row.served_model) == ("fire", "", "")
+        assert [b.batch_id for b in cache.open_batches(openai_key)] == ["batch_1"]  # still resumed
+        assert cache.get("aaaa", TeacherKey("gpt-4o-mini", "pv1", "127.0.0.1:8080")) is None  # not another host's
+    with LabelCache(path) as cache:  # opening it again migrates nothing twice
+        assert cache.stats()["entries"] == 1
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (1,)
 
 
 def test_a_file_that_is_not_a_cache_is_a_clear_error(tmp_path):

@@ -10,13 +10,16 @@ answers are valid JSON by grammar but say little), which is what makes this a te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,15 +50,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _demo_files(demo_dir: Path) -> dict[str, Path]:
+    manifest = json.loads((demo_dir / "gguf" / "manifest.json").read_text())
+    return {f["role"]: demo_dir / "gguf" / name for name, f in manifest["files"].items()}
+
+
 @pytest.fixture(scope="module")
 def teacher_url(demo_dir, tmp_path_factory):
     """llama-server on 127.0.0.1 with the demo's Q8_0 text model and F16 mmproj; its /v1 URL."""
-    manifest = json.loads((demo_dir / "gguf" / "manifest.json").read_text())
-    files = {f["role"]: demo_dir / "gguf" / name for name, f in manifest["files"].items()}
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "llama-server.log").open("w")
+    files = _demo_files(demo_dir)
+    with _serving(files["text"], files["mmproj"], _free_port(), tmp_path_factory.mktemp("server")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(text: Path, mmproj: Path, port: int, logs: Path) -> Iterator[str]:
+    """llama-server serving `text` + `mmproj` on 127.0.0.1:`port` until the block ends; yields its /v1 URL."""
+    log = (logs / f"llama-server-{text.name}.log").open("w")
     proc = subprocess.Popen(
-        [str(llama_server_binary()), "-m", str(files["text"]), "--mmproj", str(files["mmproj"]),
+        [str(llama_server_binary()), "-m", str(text), "--mmproj", str(mmproj),
          "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "2", "--threads", "2", "--no-webui"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -87,7 +100,7 @@ def _prepare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_prepare_labels_a_flat_folder_through_a_real_llama_server(teacher_url, tmp_path):
+def test_prepare_labels_a_flat_folder_through_a_real_llama_server(teacher_url, demo_dir, tmp_path):
     tree = write_synthetic_photos(tmp_path / "tree", LABELS, 4, seed=1)  # labelled by folder: a dataset for sure
     flat = tmp_path / "flat"  # one flat folder: the teacher must label these
     flat.mkdir()
@@ -127,3 +140,36 @@ def test_prepare_labels_a_flat_folder_through_a_real_llama_server(teacher_url, t
     again = json.loads((tmp_path / "ds" / "metadata.json").read_text())["teacher"]
     server_errors = teacher["rejects_by_reason"].get("server_error", 0)
     assert again["cache_hits"] == teacher["labeled"] + teacher["rejected"] - server_errors
+    # Before using the cache it asked the server, once, which model it serves: llama-server names the GGUF file.
+    assert teacher["served_models"] == again["served_models"]
+    assert [Path(m).name for m in again["served_models"]] == [_demo_files(demo_dir)["text"].name]
+    assert teacher["probes"] == 0 and again["probes"] == 1
+
+
+def test_another_gguf_served_under_the_same_name_is_asked_again(demo_dir, tmp_path):
+    """The README's local-teacher recipe: `--labeler-model local`, whatever GGUF the server was started with."""
+    files = _demo_files(demo_dir)
+    tree = write_synthetic_photos(tmp_path / "tree", LABELS, 2, seed=1)  # labelled by folder: a dataset for sure
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(write_synthetic_photos(tmp_path / "more", LABELS, 1, seed=11).rglob("*.*")):
+        p.rename(flat / p.name)
+    port = _free_port()
+    args = ["--source", f"folder:{tree}", "--source", f"folder:{flat}", "--output_dir", "ds",
+            "--labeler-base-url", f"http://127.0.0.1:{port}/v1",
+            "--labeler-model", "local", "--label-cache", "c.sqlite", "--min_confidence", "0", "--num_workers", "2"]
+    reports = []
+    for name in ("teacher-a.gguf", "teacher-b.gguf", "teacher-a.gguf"):  # one server after another, one address
+        model = tmp_path / name
+        if not model.exists():
+            shutil.copyfile(files["text"], model)
+        with _serving(model, files["mmproj"], port, tmp_path):
+            res = _prepare(tmp_path, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        reports.append(json.loads((tmp_path / "ds" / "metadata.json").read_text())["teacher"])
+    first, second, third = reports
+    served = [[Path(m).name for m in r["served_models"]] for r in reports]  # llama-server names the file
+    assert served == [["teacher-a.gguf"], ["teacher-b.gguf"], ["teacher-a.gguf"]] and first["probes"] == 0
+    asked = first["labeled"] + first["rejected"] - first["rejects_by_reason"].get("server_error", 0)
+    assert second["reasked_other_model"] == asked and second["requests"] >= asked and second["cache_hits"] == 0
+    assert third["cache_hits"] == asked and third["requests"] == 0  # both models' answers are kept

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,13 @@ def test_relabel_only_refilters_from_the_cache_without_the_teacher(tmp_path, ser
     assert res.returncode == 2 and "low_confidence" in res.stderr
     billed = server.total_billed()
     assert billed == 20
-    # No key and a dead endpoint: --relabel-only needs neither.
+    # No key, and the endpoint is never called: --relabel-only needs neither.
+    calls = sum(server.endpoint_calls.values())
     res = _prepare(tmp_path, *common, "--output_dir", "ds", "--relabel-only", "--min_confidence", "0.7",
-                   "--labeler-base-url", "http://127.0.0.1:9/v1", key=None)
+                   "--labeler-base-url", server.base_url, key=None)
     assert res.returncode == 0, res.stderr[-2000:]
     meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
-    assert server.total_billed() == billed
+    assert server.total_billed() == billed and sum(server.endpoint_calls.values()) == calls
     assert meta["n_train"] + meta["n_val"] == 20 and meta["teacher"] is None
 
 
@@ -251,3 +253,95 @@ def test_api_key_on_the_command_line_is_warned_about_and_never_shown(tmp_path, s
     assert res.returncode == 0, res.stderr[-2000:]
     assert "--openai-api-key leaves the key in the process list and your shell history" in res.stderr
     assert KEY not in res.stderr and KEY not in res.stdout
+
+
+def test_batch_waves_keep_every_batch_in_flight_together(tmp_path):
+    """400 photos, 50 per batch: one wave of 8 batches submitted before any finishes, each photo billed once."""
+    flat = _flat_folder(tmp_path, per_class=80)
+    with FakeOpenAI(expected_key=KEY, batch_seconds=1.0) as srv:
+        res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                       srv.base_url, "--label-cache", "c.sqlite", "--batch", "--batch-max-photos", "50",
+                       "--batch-poll-interval", "0.1")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert srv.endpoint_calls["POST /v1/batches"] == 8 and srv.max_batches_running == 8
+        assert len(srv.billed) == 400 and set(srv.billed.values()) == {1}
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["n_train"] + meta["n_val"] == 400 and meta["labels_beyond_target"] == 0
+    assert "8 batches submitted, 400 batch answers, 0 labels bought beyond the target" in res.stdout
+
+
+def test_batch_waves_stop_when_the_targets_are_met(tmp_path):
+    flat = _flat_folder(tmp_path, per_class=40)
+    for p in flat.iterdir():  # camera-style names: the classes come mixed, not sorted by name
+        p.rename(flat / f"IMG_{hashlib.sha256(p.name.encode()).hexdigest()[:8]}{p.suffix}")
+    with FakeOpenAI(expected_key=KEY, batch_seconds=0.2) as srv:
+        res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", "--labeler-base-url",
+                       srv.base_url, "--label-cache", "c.sqlite", "--batch", "--batch-max-photos", "25",
+                       "--batch-poll-interval", "0.05", "--per_class_target", "6")
+        assert res.returncode == 0, res.stderr[-2000:]
+        billed = srv.total_billed()
+    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    assert meta["counts"]["total"] == {label: 6 for label in LABELS}
+    assert billed < 200 and meta["dropped"].get("not_needed", 0) > 0  # it stopped buying before the folder ended
+    # Every label bought that the dataset does not keep is one bought beyond the target, and says so.
+    assert meta["labels_beyond_target"] == billed - 30
+    assert f"{billed - 30} labels bought beyond the target" in res.stdout
+
+
+def test_a_killed_batch_run_resumes_its_batches_and_submits_none_twice(tmp_path):
+    flat = _flat_folder(tmp_path, per_class=12)
+    args = ["--source", f"folder:{flat}", "--output_dir", "ds", "--label-cache", "c.sqlite", "--batch",
+            "--batch-max-photos", "20", "--batch-poll-interval", "0.05"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    with FakeOpenAI(expected_key=KEY) as srv:
+        srv.batch_hold = True  # the batches run longer than this process lives
+        proc = subprocess.Popen([sys.executable, "-m", "elemental", "prepare", *args, "--labeler-base-url",
+                                 srv.base_url], cwd=tmp_path, env={**env, "OPENAI_API_KEY": KEY},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # until it polls all three batches, twice
+                with srv.lock:
+                    if len(srv.batches) == 3 and min(b["_polls"] for b in srv.batches.values()) >= 2:
+                        break
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert srv.endpoint_calls["POST /v1/batches"] == 3 and not (tmp_path / "ds").exists()
+        srv.batch_hold = False
+        res = _prepare(tmp_path, *args, "--labeler-base-url", srv.base_url)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert srv.endpoint_calls["POST /v1/batches"] == 3 and srv.endpoint_calls["POST /v1/files"] == 3
+        assert len(srv.billed) == 60 and set(srv.billed.values()) == {1}
+    assert json.loads((tmp_path / "ds" / "metadata.json").read_text())["n_train"] > 0
+
+
+def test_estimate_prints_the_cost_sends_nothing_and_matches_what_the_run_bills(tmp_path, server):
+    flat = _flat_folder(tmp_path, per_class=12)  # 60 photos
+    first = tmp_path / "first"
+    first.mkdir()
+    for p in sorted(flat.iterdir())[::3]:  # 20 of them labelled earlier: the cache's answers calibrate tokens
+        (first / p.name).write_bytes(p.read_bytes())
+    common = ["--label-cache", "c.sqlite", "--labeler-base-url", server.base_url]
+    res = _prepare(tmp_path, "--source", f"folder:{first}", "--output_dir", "ds1", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    billed_in, billed_out, photos_billed = server.usage_in, server.usage_out, len(server.billed)
+
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", *common, "--estimate")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(server.billed) == photos_billed and server.probes == 0  # nothing was sent
+    assert not (tmp_path / "ds").exists()
+    out = res.stdout
+    assert "already answered (label cache): 20; not answered: 40; to label for the targets: 40" in out
+    assert "mean of 20 cached answers" in out and "nothing was sent to the teacher" in out
+    tokens_in = int(out.split("expected tokens: ")[1].split(" in")[0].replace(",", ""))
+    sync, batch = (float(x.split(" ")[0]) for x in out.split("expected cost: $")[1].split("$")[:2])
+    assert batch == pytest.approx(sync / 2, abs=1e-4)
+
+    res = _prepare(tmp_path, "--source", f"folder:{flat}", "--output_dir", "ds", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(server.billed) == photos_billed + 40  # the photos the estimate counted, no more
+    run_in, run_out = server.usage_in - billed_in - 12, server.usage_out - billed_out - 1  # less the probe
+    assert tokens_in == pytest.approx(run_in, rel=0.2)
+    assert sync == pytest.approx((run_in * 0.15 + run_out * 0.60) / 1e6, rel=0.2)

@@ -73,8 +73,19 @@ def prepare(
     retry_rejected: Annotated[bool | None, typer.Option("--retry-rejected", help="Ask the teacher again about "
                                                         "photos it rejected before (e.g. for server errors).",
                                                         show_default=False)] = None,
-    batch: Annotated[bool | None, typer.Option("--batch/--no-batch", help="Label through the OpenAI Batch API.",
+    batch: Annotated[bool | None, typer.Option("--batch/--no-batch", help="Label through the OpenAI Batch API "
+                                               "(half price; several batches in flight together).",
                                                show_default=False)] = None,
+    batch_max_photos: Annotated[int | None, _opt("--batch-max-photos", help="Photos per batch (250).")] = None,
+    batch_poll_interval: Annotated[float | None, _opt("--batch-poll-interval", help="Seconds between polls of "
+                                                      "the open batches (30).")] = None,
+    batch_max_wait: Annotated[float | None, _opt("--batch-max-wait", help="Seconds to wait for open batches; "
+                                                 "then stop (a re-run resumes them). Default: no limit.")] = None,
+    batch_fallback: Annotated[str | None, _opt("--batch-fallback", help="none | sync: label photos a failed or "
+                                               "expired batch left synchronously, at full price (none).")] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the photos to label, the expected tokens "
+                                           "and the price (sync and batch); send nothing, write nothing.",
+                                           show_default=False)] = False,
     relabel_only: Annotated[bool | None, typer.Option("--relabel-only", help="Re-filter from cached answers; "
                                                       "never call the teacher.", show_default=False)] = None,
     hf_dataset: Annotated[bool | None, typer.Option("--hf-dataset", help="Also write dataset/hf for "
@@ -109,7 +120,14 @@ def prepare(
         "prepare.label_cache": label_cache, "prepare.unsplash_api_url": unsplash_api_url,
         "prepare.openverse_api_url": openverse_api_url, "prepare.hf_dataset": hf_dataset,
         "prepare.allow_private_urls": allow_private_urls, "prepare.max_pixels": max_pixels,
+        "prepare.batch_max_photos": batch_max_photos, "prepare.batch_poll_interval": batch_poll_interval,
+        "prepare.batch_max_wait": batch_max_wait, "prepare.batch_fallback": batch_fallback,
     })
+    if estimate:
+        from .data.prepare import estimate_labeling
+
+        estimate_labeling(cfg.prepare, task)
+        return
     stage_prepare(cfg, task)
 
 

@@ -60,6 +60,34 @@ class ModelConfig(_Section):
     image_longest_edge: int = Field(512, ge=32)
 
 
+class ModelPrice(_Section):
+    """What one teacher model costs, in USD per 1M tokens, and what one photo is expected to take.
+
+    The photo figures are for what prepare sends (a 512-px JPEG at detail "low", the system prompt and the
+    schema) and are used until the label cache has measured answers of this model to average instead.
+    """
+
+    input_per_1m: float = Field(ge=0)
+    output_per_1m: float = Field(ge=0)
+    batch_discount: float = Field(0.5, gt=0, le=1)  # the Batch API bills this share of the price
+    photo_tokens_in: int = Field(ge=1)
+    photo_tokens_out: int = Field(40, ge=1)
+
+
+# OpenAI's published standard-tier prices, as read on PRICES_AS_OF (check https://openai.com/api/pricing before
+# trusting a figure; override or add models under [prepare.prices."NAME"]). Image tokens at detail "low":
+# gpt-4o and gpt-4.1 bill 85 per image, gpt-4o-mini 2,833; the 4.1 mini/nano models bill 32-px patches
+# (a 512x384 photo: 192 patches x 1.62 / x 2.46). About 150 tokens of prompt and schema come on top.
+PRICES_AS_OF = "2025-06-01"
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-4o-mini": {"input_per_1m": 0.15, "output_per_1m": 0.60, "photo_tokens_in": 2983},
+    "gpt-4o": {"input_per_1m": 2.50, "output_per_1m": 10.00, "photo_tokens_in": 235},
+    "gpt-4.1": {"input_per_1m": 2.00, "output_per_1m": 8.00, "photo_tokens_in": 235},
+    "gpt-4.1-mini": {"input_per_1m": 0.40, "output_per_1m": 1.60, "photo_tokens_in": 461},
+    "gpt-4.1-nano": {"input_per_1m": 0.10, "output_per_1m": 0.40, "photo_tokens_in": 622},
+}
+
+
 class PrepareConfig(_Section):
     """Photo sources, the teacher that labels them, and how the dataset is filtered and split (DESIGN §5-§6)."""
 
@@ -89,6 +117,12 @@ class PrepareConfig(_Section):
     detail: Literal["low", "high", "auto"] = "low"
     label_cache: Path | None = None  # default: ~/.cache/elemental/labels.sqlite, shared by every dataset
     batch: bool = False  # OpenAI Batch API (half price, hours) for large sets
+    batch_max_photos: int = Field(250, ge=1, le=50_000)  # photos per batch; a wave is several batches in flight
+    batch_poll_interval: float = Field(30.0, gt=0)  # seconds between polls of the open batches
+    batch_max_wait: float | None = Field(None, gt=0)  # seconds to wait for open batches; unset: no limit
+    batch_fallback: Literal["none", "sync"] = "none"  # photos a failed/expired batch left: sync at full price?
+    # USD per model, merged over DEFAULT_PRICES (a model named here replaces its default entry).
+    prices: dict[str, ModelPrice] = Field(default_factory=dict, validate_default=True)
     relabel_only: bool = False  # re-filter from cached answers; never call the teacher
     hf_dataset: bool = False  # also write dataset/hf (datasets.load_from_disk), needs `datasets`
     unsplash_api_url: str | None = None  # default: env UNSPLASH_API_URL, else the public API
@@ -96,6 +130,11 @@ class PrepareConfig(_Section):
     allow_private_urls: bool = False  # downloads and redirects to loopback/private/link-local addresses
     # Photos with more pixels to decode are skipped with the reason (JPEGs are decoded at reduced scale first).
     max_pixels: int = Field(100_000_000, ge=1_000_000)
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _over_the_defaults(cls, v: Any) -> Any:
+        return {**DEFAULT_PRICES, **v} if isinstance(v, dict) else v
 
     def photo_cap(self, n_labels: int) -> int:
         """How many photos the dataset may keep (see num_images)."""

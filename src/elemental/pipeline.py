@@ -58,8 +58,18 @@ def stage_prepare(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     spend = ""
     if teacher:
         spend = (f"; teacher {teacher['model']}: {teacher['requests']} requests, {teacher['cache_hits']} cached, "
-                 f"{teacher['tokens_in']}+{teacher['tokens_out']} tokens, "
+                 f"{teacher['tokens_in']}+{teacher['tokens_out']} tokens billed, "
                  + (f"≈ ${cost:.4f}" if cost is not None else "unknown price"))
+        if teacher["batches_submitted"] or teacher["batch_answers"]:
+            spend += (f"; {teacher['batches_submitted']} batches submitted, {teacher['batch_answers']} batch answers, "
+                      f"{meta['labels_beyond_target']} labels bought beyond the target")
+        if teacher["batch_unanswered"]:
+            usd = (teacher.get("batch_unanswered_sync_estimate") or {}).get("sync_usd")
+            spend += (f"; {teacher['batch_unanswered']} photos left unanswered by batches "
+                      f"{', '.join(teacher['batches_failed']) or ''} (labeling them synchronously: "
+                      + (f"≈ ${usd:.4f}" if usd is not None else "unknown price") + ")")
+        if teacher["adapted_to_endpoint"]:
+            spend += f"; request settings changed for this endpoint: {'; '.join(teacher['adapted_to_endpoint'])}"
     say(f"prepare: {cfg.prepare.output_dir}: {meta['n_train']} train / {meta['n_val']} val photos, "
         f"per class {meta['counts']['total']}, dropped {meta['dropped']}{spend}")
     return meta

@@ -29,7 +29,8 @@ STATE_FILE = "run_state.json"
 FORMAT = "elemental-run-state/1"
 # Settings that change how a stage runs but not what it produces.
 NOT_INPUTS = {
-    "prepare": {"num_workers"},
+    # How fast or at what price labels are bought does not change which labels a dataset holds.
+    "prepare": {"num_workers", "prices", "batch_max_photos", "batch_poll_interval", "batch_max_wait"},
     "train": {"resume", "report_to", "wandb_project", "logging_steps"},
     "evaluate": {"threads", "min_accuracy"},
 }

@@ -4,10 +4,10 @@
 Photos come from `data.sources` (folders, URL lists, the seed's JSON, Unsplash, Openverse). Each one
 is decoded once (upright RGB), identified by the sha256 of its original bytes, and dropped when it is
 an exact or near duplicate (perceptual hash) of one kept before. Photos without a known label go to
-the teacher (`data.labeling`), whose answers live in a SQLite cache outside the dataset: a crash, a
-Ctrl-C or a re-run never loses or re-pays an answer, and `--relabel-only` re-filters from the cache
-alone. The dataset is built in a temp folder and swapped in at the end, so an interrupted prepare
-leaves the previous dataset (or nothing), never a mix.
+the teacher (`data.teacher`, asked through `data.labeling`), whose answers live in a SQLite cache
+outside the dataset: a crash, a Ctrl-C or a re-run never loses or re-pays an answer, and
+`--relabel-only` re-filters from the cache alone. The dataset is built in a temp folder and swapped
+in at the end, so an interrupted prepare leaves the previous dataset (or nothing), never a mix.
 """
 
 from __future__ import annotations
@@ -43,10 +43,13 @@ from ..images import (
     perceptual_hash,
 )
 from ..task import Task
+from .labeling import Labeler, confident_counts, wave_size
 from .records import Record, load_split, save_split
 from .report import SheetEntry, thumbnail, write_report
 from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source, source_kind
 from .split import class_counts, stratified_split
+from .teacher.cache import LabelCache
+from .teacher.pricing import estimate, photo_tokens, price_for
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -56,7 +59,6 @@ FOLDER_REASON = "a photo from the '{label}' folder"
 MAX_SIDE = PHOTO_MAX_SIDE
 ID_LENGTH = 12
 DECODE_WORKERS = max(2, os.cpu_count() or 2)
-DEFAULT_LABEL_CACHE = Path("~/.cache/elemental/labels.sqlite")
 
 
 @dataclass
@@ -91,6 +93,7 @@ class _Item:
     reason: str = ""
     confidence: float = 0.0
     labeler: str = FOLDER_LABELER
+    bought: bool = False  # its label was paid for in this run (not from the cache)
 
     @classmethod
     def staged(cls, d: _Decoded, staging: Path) -> _Item:
@@ -133,6 +136,7 @@ class _Tally:
     rejected_sheet: list[SheetEntry] = field(default_factory=list)
     low_confidence_sheet: list[SheetEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bought_beyond_target: int = 0  # labels paid for in this run that the targets did not need
 
     def drop(self, why: str, n: int = 1) -> None:
         if n > 0:
@@ -247,67 +251,24 @@ def _folder_reason(label: str) -> str:
     return FOLDER_REASON.format(label=label)
 
 
-class _Labeler:
-    """Labels items with the teacher (or, with `relabel_only`, from its cache alone)."""
-
-    def __init__(self, cfg: PrepareConfig, task: Task):
-        from .labeling import prompt_version
-
-        self.cfg, self.task = cfg, task
-        self.cache_path = (cfg.label_cache or DEFAULT_LABEL_CACHE).expanduser()
-        # The cache key and the records' `labeler` tag: the same version the Teacher computes.
-        self.prompt_version = prompt_version(task, detail=cfg.detail)
-        self._teacher = None
-
-    @property
-    def teacher(self):
-        if self._teacher is None:
-            from .labeling import Teacher
-
-            c = self.cfg
-            self._teacher = Teacher(
-                self.task, cache_path=self.cache_path, model=c.labeler_model, base_url=c.labeler_base_url,
-                num_workers=c.num_workers, max_reasks=c.max_reasks, detail=c.detail,
-                temperature=c.labeler_temperature, seed=c.labeler_seed, max_tokens=c.labeler_max_tokens,
-                max_consecutive_failures=c.max_consecutive_failures, retry_rejected=c.retry_rejected,
-            )
-        return self._teacher
-
-    def _from_cache_only(self, items: list[_Item]) -> dict[str, Any]:
-        from .label_cache import LabelCache
-
-        with LabelCache(self.cache_path) as cache:
-            return cache.get_many([i.sha256 for i in items], self.cfg.labeler_model, self.prompt_version)
-
-    def label(self, items: list[_Item], tally: _Tally) -> None:
-        """Fill in element/reason/confidence; rejected or (relabel-only) uncached items get element None."""
-        if not items:
-            return
-        photos = [(i.sha256, i.jpeg_path) for i in items]  # read only for photos the cache cannot answer
-        if self.cfg.relabel_only:
-            answers = self._from_cache_only(items)
-        elif self.cfg.batch:
-            answers = self.teacher.label_batch(photos)
+def _label(labeler: Labeler, items: list[_Item], tally: _Tally) -> None:
+    """Fill in element/reason/confidence; rejected or (relabel-only) uncached items get element None."""
+    if not items:
+        return
+    answers = labeler.answers([(i.sha256, i.jpeg_path) for i in items])  # files read only if the teacher is asked
+    labeler.count(answers.values())
+    tag = f"{labeler.cfg.labeler_model}@{labeler.prompt_version}"
+    for item in items:
+        a = answers.get(item.sha256)
+        if a is None:
+            tally.reject(item.photo.source, item.photo.source_id, "not_in_cache",
+                         "no cached answer (--relabel-only never asks the teacher)")
+        elif a.status != "ok":
+            tally.reject(item.photo.source, item.photo.source_id, "teacher", a.reject_reason or "rejected",
+                         item.thumb)
         else:
-            answers = self.teacher.label_many(photos)
-        tag = f"{self.cfg.labeler_model}@{self.prompt_version}"
-        for item in items:
-            a = answers.get(item.sha256)
-            if a is None:
-                tally.reject(item.photo.source, item.photo.source_id, "not_in_cache",
-                             "no cached answer (--relabel-only never asks the teacher)")
-            elif a.status != "ok":
-                tally.reject(item.photo.source, item.photo.source_id, "teacher", a.reject_reason or "rejected",
-                             item.thumb)
-            else:
-                item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
-
-    def report(self) -> dict[str, Any] | None:
-        return None if self._teacher is None else self._teacher.report()
-
-    def close(self) -> None:
-        if self._teacher is not None:
-            self._teacher.close()
+            item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
+            item.bought = not getattr(a, "cached", True)
 
 
 API_SOURCES = ("unsplash", "openverse")
@@ -387,6 +348,7 @@ def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally, k
         mine.sort(key=lambda i: i.photo.source_id not in keep_first)  # stable: earlier-kept first
         if cfg.per_class_target is not None:
             tally.drop("over_per_class_target", len(mine) - cfg.per_class_target)
+            tally.bought_beyond_target += sum(i.bought for i in mine[cfg.per_class_target:])
             mine = mine[: cfg.per_class_target]
         per_label[label] = mine[::-1]  # popped from the end below
     kept: list[_Item] = []
@@ -396,6 +358,7 @@ def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally, k
             if per_label[label] and len(kept) < cap:
                 kept.append(per_label[label].pop())
     tally.drop("over_num_images", sum(len(v) for v in per_label.values()))
+    tally.bought_beyond_target += sum(i.bought for v in per_label.values() for i in v)
     return kept
 
 
@@ -408,13 +371,13 @@ def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
 
 
 def _collect(
-    photos: Iterator[Photo], cfg: PrepareConfig, task: Task, dedup: _Dedup, tally: _Tally, labeler: _Labeler,
+    photos: Iterator[Photo], cfg: PrepareConfig, task: Task, dedup: _Dedup, tally: _Tally, labeler: Labeler,
     staging: Path,
 ) -> list[_Item]:
-    """Ingest photos; label the unlabelled ones in chunks, and only while the targets are not met yet."""
+    """Ingest photos; label the unlabelled ones in chunks (batch waves), and only while the targets are not met."""
     items: list[_Item] = []
     pending: list[_Item] = []
-    chunk = max(32, cfg.num_workers * 8)
+    chunk = labeler.chunk_size((i.element, i.confidence) for i in items)
     for decoded in _decoded(photos, DECODE_WORKERS, cfg.max_pixels):
         item = _admit(decoded, dedup, tally, task, staging)
         if item is None:
@@ -428,15 +391,87 @@ def _collect(
             if cfg.per_class_target is not None:
                 break
             continue
-        labeler.label(pending, tally)
+        _label(labeler, pending, tally)
         items += pending
         pending.clear()
+        chunk = labeler.chunk_size((i.element, i.confidence) for i in items)
     if pending and not _enough(items, cfg, task):
-        labeler.label(pending, tally)
+        _label(labeler, pending, tally)
         items += pending
     else:
         tally.drop("not_needed", len(pending))
     return items
+
+
+def estimate_labeling(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[str, Any]:
+    """`prepare --estimate`: the photos the sources would send to the teacher, their tokens and price.
+
+    Sources are read, decoded and de-duplicated as prepare does (API sources are searched and downloaded),
+    but nothing is sent to the teacher and nothing is written. Photos the label cache has answered (by any
+    model this teacher served) and photos the targets do not need are not counted.
+    """
+    if not cfg.sources:
+        raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
+    try:
+        cfg.check_targets(len(task.labels))
+    except ValueError as e:
+        raise ElementalError(str(e)) from None
+    tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), Labeler(cfg, task)
+    streams = _open_streams(cfg, task, set())
+    staging = Path(tempfile.mkdtemp(prefix="elemental-estimate-"))
+    try:
+        items = [item for d in _decoded(_photos(streams, tally), DECODE_WORKERS, cfg.max_pixels)
+                 if (item := _admit(d, dedup, tally, task, staging)) is not None]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for stream in streams:
+            stream.close()
+    unlabelled = [i for i in items if i.element is None]
+    cached = labeler.cached([i.sha256 for i in unlabelled])
+    answered = {sha: row for sha, row in cached.items() if row.status == "ok" or not cfg.retry_rejected}
+    todo = [i for i in unlabelled if i.sha256 not in answered]
+    have = confident_counts([(i.element, 1.0) for i in items if i.element is not None]
+                            + [(r.element, r.confidence or 0.0) for r in answered.values() if r.status == "ok"],
+                            cfg.min_confidence)
+    needed = 0 if _met(have, cfg, task) else wave_size(have, Counter(), 0, cfg, task)
+    n = min(len(todo), needed)
+    price = price_for(cfg.labeler_model, cfg.prices)
+    with LabelCache(labeler.cache_path) as cache:
+        history = cache.stats(cfg.labeler_model, labeler.prompt_version)
+    tokens = photo_tokens(price, history["entries"], history["tokens_in"], history["tokens_out"])
+    est = {"photos_found": len(items) + sum(tally.dropped.values()), "admitted": len(items),
+           "labelled_by_source": len(items) - len(unlabelled), "answered_in_cache": len(answered),
+           "uncached": len(todo), **estimate(n, tokens, price), "model": cfg.labeler_model,
+           "price_usd_per_1m": {"input": price.input_per_1m, "output": price.output_per_1m} if price else None}
+    for line in _estimate_lines(est, cfg):
+        say(line)
+    return est
+
+
+def _met(have: Counter[str], cfg: PrepareConfig, task: Task) -> bool:
+    if cfg.per_class_target is not None:
+        return all(have[label] >= cfg.per_class_target for label in task.labels)
+    return sum(have.values()) >= cfg.photo_cap(len(task.labels))
+
+
+def _estimate_lines(est: dict[str, Any], cfg: PrepareConfig) -> list[str]:
+    usd = "unknown price (add the model under [prepare.prices] in the config)"
+    if est["sync_usd"] is not None:
+        p = est["price_usd_per_1m"]
+        usd = (f"${est['sync_usd']:.4f} synchronous, ${est['batch_usd']:.4f} through --batch "
+               f"({cfg.labeler_model}: ${p['input']:g} in / ${p['output']:g} out per 1M tokens, prices as of "
+               f"{est['prices_as_of']})")
+    tokens = ("unknown (no measured answers and no price-table entry for this model)" if est["tokens_in"] is None
+              else f"{est['tokens_in']:,} in + {est['tokens_out']:,} out ({est['tokens_per_photo_from']})")
+    return [
+        f"estimate for teacher {cfg.labeler_model}: {est['photos_found']} photos found, {est['admitted']} after "
+        f"duplicates and unreadable ones, {est['labelled_by_source']} labelled by their folder",
+        f"  already answered (label cache): {est['answered_in_cache']}; not answered: {est['uncached']}; "
+        f"to label for the targets: {est['photos']}",
+        f"  expected tokens: {tokens}",
+        f"  expected cost: {usd}",
+        "  nothing was sent to the teacher",
+    ]
 
 
 def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[str, Any]:
@@ -451,7 +486,7 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
         raise ElementalError(str(e)) from None
     if any(source_kind(s) == "unsplash" for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
-    tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), _Labeler(cfg, task)
+    tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), Labeler(cfg, task)
     previous = _previous_records(output_dir, task, cfg)
     earlier = {r.source_id for r in previous if r.source_id}
     streams = _open_streams(cfg, task, earlier)
@@ -542,6 +577,7 @@ def _metadata(
         "labels": list(task.labels),
         "labeler": FOLDER_LABELER if set(labelers) == {FOLDER_LABELER} else dict(labelers),
         "teacher": teacher_report,
+        "labels_beyond_target": tally.bought_beyond_target if teacher_report else 0,
         "label_cache": str(cache_path),
         "counts": {"train": per_label(train), "val": per_label(val), "total": per_label(train + val)},
         "n_train": len(train),
