@@ -43,6 +43,8 @@ def test_flags_override_file_and_none_leaves_it(tmp_path):
         ("[task]\nlabels = [\"a b\", \"c\"]\n", "without spaces"),
         ("stages = [\"train\", \"prepare\"]\n", "pipeline order"),
         ("[train\n", "invalid TOML"),
+        ("[prepare.prices.local]\ninput_per_1m = 0\n", "prepare.prices.local.output_per_1m: Field required"),
+        ("[prepare]\nbatch_fallback = \"maybe\"\n", "prepare.batch_fallback"),
     ],
 )
 def test_bad_config_names_key_and_file(tmp_path, text, expected):
@@ -51,6 +53,16 @@ def test_bad_config_names_key_and_file(tmp_path, text, expected):
     with pytest.raises(ElementalError) as e:
         load_config(f)
     assert str(f) in str(e.value) and expected in str(e.value)
+
+
+def test_a_price_table_in_the_config_adds_to_the_dated_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[prepare.prices.local]\ninput_per_1m = 0\noutput_per_1m = 0\nphoto_tokens_in = 900\n'
+                 '[prepare.prices."gpt-4o"]\ninput_per_1m = 2.0\noutput_per_1m = 8.0\nphoto_tokens_in = 250\n')
+    prices = load_config(f).prepare.prices
+    assert prices["local"].photo_tokens_in == 900 and prices["local"].batch_discount == 0.5
+    assert (prices["gpt-4o"].input_per_1m, prices["gpt-4o"].photo_tokens_in) == (2.0, 250)  # overridden
+    assert prices["gpt-4o-mini"].input_per_1m == 0.15  # the defaults stay
 
 
 def test_bad_override_names_the_flag_key():

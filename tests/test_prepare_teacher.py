@@ -345,3 +345,25 @@ def test_estimate_prints_the_cost_sends_nothing_and_matches_what_the_run_bills(t
     run_in, run_out = server.usage_in - billed_in - 12, server.usage_out - billed_out - 1  # less the probe
     assert tokens_in == pytest.approx(run_in, rel=0.2)
     assert sync == pytest.approx((run_in * 0.15 + run_out * 0.60) / 1e6, rel=0.2)
+
+
+def test_batch_max_wait_and_fallback_from_the_command_line(tmp_path):
+    flat = _flat_folder(tmp_path, per_class=2)
+    args = ["--source", f"folder:{flat}", "--output_dir", "ds", "--label-cache", "c.sqlite", "--batch",
+            "--batch-poll-interval", "0.05", "--min_confidence", "0"]
+    with FakeOpenAI(expected_key=KEY) as srv:
+        srv.batch_hold = True
+        res = _prepare(tmp_path, *args, "--labeler-base-url", srv.base_url, "--batch-max-wait", "0.5")
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+        assert "batch_0001 (in_progress) not finished after 0.5 s (--batch-max-wait)" in errors[0]
+        assert "re-run to resume polling" in errors[0]
+        # The batch then expires having answered 6 of 10; with --batch-fallback sync the rest go at full price.
+        srv.batch_hold, srv.batch_end_status, srv.batch_answer_first = False, "expired", 6
+        res = _prepare(tmp_path, *args, "--labeler-base-url", srv.base_url, "--batch-fallback", "sync")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert srv.endpoint_calls["POST /v1/batches"] == 1 and srv.total_billed() == 10
+    teacher = json.loads((tmp_path / "ds" / "metadata.json").read_text())["teacher"]
+    assert teacher["batches_failed"] == ["batch_0001 (expired)"] and teacher["batch_unanswered"] == 4
+    assert teacher["batch_answers"] == 6 and teacher["requests"] == 4
+    assert "4 photos left unanswered by batches batch_0001 (expired) (labeling them synchronously: ≈ $" in res.stdout
