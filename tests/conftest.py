@@ -48,6 +48,7 @@ def demo_dir(tmp_path_factory) -> Path:
     res = elemental("demo", "--output_dir", "out", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HF <-> GGUF agreement" in res.stdout
+    assert "vision tower cache: " in res.stdout and " photos built in " in res.stdout  # the train line says it
     return work / "out"
 
 

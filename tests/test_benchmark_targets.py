@@ -66,7 +66,7 @@ READS = {script.stem: reads(script) for script in SCRIPTS}
 def test_the_scripts_that_judge_results_read_their_targets_from_the_file():
     users = {name for name, tables in READS.items() if tables}
     assert users == {"batch_turnaround", "cpu_precision", "gguf_speed", "import_folder", "labeling_throughput",
-                     "llama_cpu", "memory", "prepare_folder", "train_geometry"}
+                     "llama_cpu", "memory", "prepare_folder", "train_geometry", "train_speed"}
     for name in users:
         assert set(READS[name]) == {name}, f"{name}.py reads another script's table: {set(READS[name])}"
         assert READS[name][name], f"{name}.py loads its table but reads no key from it"

@@ -34,6 +34,9 @@ def test_training_validated_by_label_scoring_and_kept_the_best(demo_dir):
     assert metrics["best_val_accuracy"] >= 0.9
     assert metrics["last_logged_loss"] < metrics["first_logged_loss"] / 10  # the loss falls
     assert set(metrics["final_val_per_class"]) == {"water", "land", "fire", "wood", "metal"}
+    # The frozen vision tower ran once per photo; every later epoch and evaluation read its output back.
+    cache = metrics["tower_cache"]
+    assert cache["used"] and cache["built"] == metrics["n_train_records"] + metrics["n_val"] and cache["hits"] > 0
 
 
 def test_demo_layout_is_the_seeds(demo_dir):

@@ -60,3 +60,16 @@ def test_train_merge_export_evaluate_on_a_realistic_model(realistic_model, tmp_p
     print(f"realistic 256M-shaped model at {EDGE} px: HF accuracy {hf['accuracy']:.3f}, GGUF {gg['accuracy']:.3f}, "
           f"agreement {agree:.3f} on {hf['n']} photos; GGUF p50 {gg['latency_ms']['p50']:.0f} ms")
     assert agree >= 0.9
+
+
+def test_training_from_the_tower_cache_is_exact_on_a_realistic_model(realistic_model, tmp_path):
+    """Issue 22: in fp32, 20 steps from the vision tower's cache give the uncached run's losses and adapter."""
+    from test_tower_cache import assert_cache_trains_as_without_it
+
+    from elemental.config import TaskConfig
+    from elemental.synthetic import write_synthetic_photos
+    from elemental.task import Task
+
+    task = Task.from_config(TaskConfig())
+    photos = write_synthetic_photos(tmp_path / "photos", task.labels, 4, seed=3)
+    assert_cache_trains_as_without_it(realistic_model, photos, tmp_path, task, edge=EDGE)

@@ -59,7 +59,7 @@ def _written(out: Path) -> list[str]:
 def test_two_processes_shard_the_data_write_once_and_resume(demo_dir, tmp_path):
     one = json.loads((demo_dir / "run/metrics.json").read_text())  # the demo's 1-process training
     whole = tmp_path / "whole"
-    log = _finish(_torchrun(demo_dir, whole))
+    log = _finish(_torchrun(demo_dir, whole, "--no-feature-cache"))
     assert "process 1 of 2" in log and "process 0 of 2" in log
 
     m = json.loads((whole / "metrics.json").read_text())
@@ -93,4 +93,10 @@ def test_two_processes_shard_the_data_write_once_and_resume(demo_dir, tmp_path):
     assert a.keys() == b.keys() and a
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-5, diff  # the resumed run ends where the uninterrupted one ends
+    # ... and the one trained from the vision tower's cache where the one without it ends. Both ranks wrote
+    # into one cache, each photo once, and the resumed run read back what the killed one had built.
+    assert m["tower_cache"]["used"] is False and r["tower_cache"]["used"] and r["tower_cache"]["hits"] > 0
+    photos = {rec["image_path"] for split in ("train", "val")
+              for rec in json.loads((demo_dir / "dataset" / f"{split}.json").read_text())}
+    assert len(list((tmp_path / ".feature-cache").glob("*/*.safetensors"))) == len(photos)
     assert _written(resumed) == ["final", "metrics.json"]

@@ -178,6 +178,9 @@ def train(
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help=(
         "Random resized crop, flip, brightness/contrast/saturation jitter (default off)."), show_default=False)]
     = None,
+    feature_cache: Annotated[bool | None, typer.Option("--feature-cache/--no-feature-cache", help=(
+        "Compute the frozen vision tower's output once per photo and read it back after that (default on; off "
+        "by itself with --augment or a training vision tower)."), show_default=False)] = None,
     warmup_ratio: Annotated[float | None, _opt("--warmup-ratio", "--warmup_ratio", help="Warm-up share.")] = None,
     weight_decay: Annotated[float | None, _opt("--weight-decay", "--weight_decay", help="AdamW decay.")] = None,
     rationale_ratio: Annotated[float | None, _opt("--rationale-ratio", "--rationale_ratio",
@@ -211,7 +214,7 @@ def train(
         "train.warmup_ratio": warmup_ratio, "train.weight_decay": weight_decay,
         "train.rationale_ratio": rationale_ratio, "train.context_dropout": context_dropout,
         "train.early_stopping_patience": early_stopping_patience, "train.keep_best": keep_best,
-        "train.merge_final": merge_final,
+        "train.merge_final": merge_final, "train.feature_cache": feature_cache,
     })
     stage_train(cfg, task)
 

@@ -171,6 +171,10 @@ class TrainConfig(_Section):
     bf16: bool = False
     gradient_checkpointing: bool = True
     augment: bool = False  # random resized crop, flip, brightness/contrast/saturation (never hue: colour is the signal)
+    # The frozen vision tower's output per photo, computed once and read back (train.tower_cache); exact, so on
+    # unless the tower trains or --augment changes the pixels. Folder default: .feature-cache beside OUTPUT.
+    feature_cache: bool = True
+    feature_cache_dir: Path | None = None
     merge_final: bool = True  # write OUTPUT/final (adapter merged into the base, as `elemental merge` does)
     reason_mode: Literal["multitask", "context", "none"] = "multitask"
     rationale_ratio: float = Field(0.5, ge=0, le=1)

@@ -81,9 +81,13 @@ def stage_train(cfg: RunConfig, task: Task, say: Say = print) -> dict:
     metrics = train(cfg, task)
     if not metrics:  # a non-zero rank of a multi-GPU run: rank 0 reports
         return metrics
+    cache = metrics["tower_cache"]
+    tower = (f"vision tower cache: {cache['built']} photos built in {cache['build_seconds']:.1f} s, "
+             f"{cache['hits']} read back" if cache["used"] else f"vision tower cache off ({cache['why_off']})")
     say(
         f"train: {cfg.train.output_dir} loss {metrics['first_logged_loss']} -> {metrics['last_logged_loss']}, "
-        f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s); tracking: {metrics['tracking']}"
+        f"val accuracy {metrics['val_accuracy']:.3f} ({metrics['train_seconds']} s); tracking: {metrics['tracking']}; "
+        f"{tower}"
     )
     return metrics
 

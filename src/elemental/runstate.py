@@ -31,7 +31,7 @@ FORMAT = "elemental-run-state/1"
 NOT_INPUTS = {
     # How fast or at what price labels are bought does not change which labels a dataset holds.
     "prepare": {"num_workers", "prices", "batch_max_photos", "batch_poll_interval", "batch_max_wait"},
-    "train": {"resume", "report_to", "wandb_project", "logging_steps"},
+    "train": {"resume", "report_to", "wandb_project", "logging_steps", "feature_cache", "feature_cache_dir"},
     "evaluate": {"threads", "min_accuracy"},
 }
 MISSING = "missing"

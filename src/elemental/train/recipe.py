@@ -34,6 +34,7 @@ from .callbacks import LabelEvalCallback
 from .collate import Collator
 from .examples import Example, build_examples
 from .targets import lora_target_regex
+from .tower_cache import TowerCache, find_tower, why_off
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +345,19 @@ def train(cfg: RunConfig, task: Task) -> dict:
         callbacks=[evaluator],
     )
     evaluator.log_fn = trainer.log
+    cache, cache_report = _tower_cache(model, cfg, out)
     t0 = time.time()
     resumed_from = _last_checkpoint(out / "checkpoints", world) if tc.resume else None
-    result = trainer.train(resume_from_checkpoint=resumed_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resumed_from)
+    finally:
+        if cache is not None:
+            cache.remove()
     train_seconds = time.time() - t0
+    if cache is not None:
+        cache_report.update(cache.summary())
+        log.info("vision tower cache: %d photos built in %.1f s, %d read back, %d rebuilt", cache.built,
+                 cache.build_seconds, cache.hits, cache.rebuilt)
     if rank != 0:
         return {}  # data-parallel: the other ranks are done; rank 0 writes the outputs and merges
     write_json_atomic(logs_dir / "log_history.json", trainer.state.log_history)
@@ -410,10 +420,24 @@ def train(cfg: RunConfig, task: Task) -> dict:
         "reason_mode": tc.reason_mode,
         "final": str(out / "final") if (merged or tc.full_finetune) else None,
         "merge_max_abs_logit_diff": merged["logits_check"]["max_abs_diff"] if merged else None,
+        "tower_cache": cache_report,
         "config": json.loads(cfg.train.model_dump_json()),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _tower_cache(model, cfg: RunConfig, out: Path) -> tuple[TowerCache | None, dict]:
+    """The frozen vision tower's cache (`train.tower_cache`), when it is exact for this run; (cache, report)."""
+    off = why_off(model, enabled=cfg.train.feature_cache, augment=cfg.train.augment)
+    if off is not None:
+        log.info("vision tower cache: off (%s)", off)
+        return None, {"used": False, "why_off": off}
+    # Beside the run, so another run on the same data (other LoRA settings, a sweep) reads it too; entries are
+    # keyed by their input and the tower's weights, so sharing can never serve a wrong one.
+    cache = TowerCache(find_tower(model), Path(cfg.train.feature_cache_dir or out.parent / ".feature-cache")).install()
+    log.info("vision tower cache: on, in %s", cache.folder)
+    return cache, {"used": True}
 
 
 def _save_full_model(model, processor, cfg: RunConfig, task: Task, best_dir: Path | None, final: Path) -> None:
