@@ -110,10 +110,10 @@ class Labeler:
     def answers(self, photos: Sequence[tuple[str, Path]]) -> dict[str, LabelResult | CachedLabel]:
         """The teacher's verdicts on (sha256, JPEG file) pairs: from the cache alone, in batches, or one by one."""
         if self.cfg.relabel_only:
-            return dict(self.cached([sha for sha, _ in photos]))
+            return self.cached([sha for sha, _ in photos])
         if self.cfg.batch:
-            return dict(self.batch.label(photos))
-        return dict(self.teacher.label_many(photos))
+            return self.batch.label(photos)
+        return self.teacher.label_many(photos)
 
     def count(self, answers: Iterable[LabelResult | CachedLabel]) -> None:
         """Record one more wave's yield (what `chunk_size` sizes the next wave from)."""

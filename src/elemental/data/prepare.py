@@ -49,7 +49,8 @@ from .report import SheetEntry, thumbnail, write_report
 from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source, source_kind
 from .split import class_counts, stratified_split
 from .teacher.cache import LabelCache
-from .teacher.pricing import estimate, photo_tokens, price_for
+from .teacher.pricing import estimate
+from .teacher.results import LabelResult
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -268,7 +269,7 @@ def _label(labeler: Labeler, items: list[_Item], tally: _Tally) -> None:
                          item.thumb)
         else:
             item.element, item.reason, item.confidence, item.labeler = a.element, a.reason, a.confidence, tag
-            item.bought = not getattr(a, "cached", True)
+            item.bought = isinstance(a, LabelResult) and not a.cached  # --relabel-only's CachedLabels bought none
 
 
 API_SOURCES = ("unsplash", "openverse")
@@ -364,10 +365,14 @@ def _select(items: list[_Item], cfg: PrepareConfig, task: Task, tally: _Tally, k
 
 def _enough(items: list[_Item], cfg: PrepareConfig, task: Task) -> bool:
     """True when labelled, confident photos already meet the targets: stop collecting (and paying)."""
-    counts = Counter(i.element for i in items if i.element and i.confidence >= cfg.min_confidence)
+    return _met(confident_counts(((i.element, i.confidence) for i in items), cfg.min_confidence), cfg, task)
+
+
+def _met(have: Counter[str], cfg: PrepareConfig, task: Task) -> bool:
+    """True when `have` (confident photos per label) meets per_class_target, or else the photo cap."""
     if cfg.per_class_target is not None:
-        return all(counts[label] >= cfg.per_class_target for label in task.labels)
-    return sum(counts.values()) >= cfg.photo_cap(len(task.labels))
+        return all(have[label] >= cfg.per_class_target for label in task.labels)
+    return sum(have.values()) >= cfg.photo_cap(len(task.labels))
 
 
 def _collect(
@@ -410,12 +415,7 @@ def estimate_labeling(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[
     but nothing is sent to the teacher and nothing is written. Photos the label cache has answered (by any
     model this teacher served) and photos the targets do not need are not counted.
     """
-    if not cfg.sources:
-        raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
-    try:
-        cfg.check_targets(len(task.labels))
-    except ValueError as e:
-        raise ElementalError(str(e)) from None
+    _check_request(cfg, task)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), Labeler(cfg, task)
     streams = _open_streams(cfg, task, set())
     staging = Path(tempfile.mkdtemp(prefix="elemental-estimate-"))
@@ -434,24 +434,14 @@ def estimate_labeling(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[
                             + [(r.element, r.confidence or 0.0) for r in answered.values() if r.status == "ok"],
                             cfg.min_confidence)
     needed = 0 if _met(have, cfg, task) else wave_size(have, Counter(), 0, cfg, task)
-    n = min(len(todo), needed)
-    price = price_for(cfg.labeler_model, cfg.prices)
     with LabelCache(labeler.cache_path) as cache:
         history = cache.stats(cfg.labeler_model, labeler.prompt_version)
-    tokens = photo_tokens(price, history["entries"], history["tokens_in"], history["tokens_out"])
     est = {"photos_found": len(items) + sum(tally.dropped.values()), "admitted": len(items),
            "labelled_by_source": len(items) - len(unlabelled), "answered_in_cache": len(answered),
-           "uncached": len(todo), **estimate(n, tokens, price), "model": cfg.labeler_model,
-           "price_usd_per_1m": {"input": price.input_per_1m, "output": price.output_per_1m} if price else None}
+           "uncached": len(todo), **estimate(min(len(todo), needed), cfg.labeler_model, cfg.prices, history)}
     for line in _estimate_lines(est, cfg):
         say(line)
     return est
-
-
-def _met(have: Counter[str], cfg: PrepareConfig, task: Task) -> bool:
-    if cfg.per_class_target is not None:
-        return all(have[label] >= cfg.per_class_target for label in task.labels)
-    return sum(have.values()) >= cfg.photo_cap(len(task.labels))
 
 
 def _estimate_lines(est: dict[str, Any], cfg: PrepareConfig) -> list[str]:
@@ -477,13 +467,8 @@ def _estimate_lines(est: dict[str, Any], cfg: PrepareConfig) -> list[str]:
 def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[str, Any]:
     """Build the dataset at `cfg.output_dir` from `cfg.sources`; returns the metadata it wrote."""
     output_dir = Path(cfg.output_dir)
-    if not cfg.sources:
-        raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
+    _check_request(cfg, task)
     _check_replaceable(output_dir)
-    try:
-        cfg.check_targets(len(task.labels))
-    except ValueError as e:
-        raise ElementalError(str(e)) from None
     if any(source_kind(s) == "unsplash" for s in cfg.sources):
         say(UNSPLASH_TERMS_NOTE)
     tally, dedup, labeler = _Tally(), _Dedup(cfg.near_duplicate_distance), Labeler(cfg, task)
@@ -532,6 +517,16 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
         say(note)
     _warn_imbalance(metadata, say)
     return metadata
+
+
+def _check_request(cfg: PrepareConfig, task: Task) -> None:
+    """Sources given, targets that do not contradict each other: checked before anything is read or paid."""
+    if not cfg.sources:
+        raise ElementalError("no sources given: --source folder:PATH | urls:FILE | json:FILE | unsplash | openverse")
+    try:
+        cfg.check_targets(len(task.labels))
+    except ValueError as e:
+        raise ElementalError(str(e)) from None
 
 
 def _summary(metadata: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ...errors import ElementalError
 from .answers import Verdict, judge_completion
 from .cache import BATCH_CONSUMED, BATCH_TERMINAL, BatchRecord
-from .pricing import estimate, photo_tokens, price_for
+from .pricing import estimate
 from .prompt import chat_messages, response_format
 from .results import LabelResult, Prior, result_from_row
 from .sync import PhotoData, Teacher, bar_off, teacher_jpeg_of, unique_photos
@@ -308,7 +308,4 @@ class BatchLabeler:
     def sync_estimate(self, n_photos: int) -> dict[str, object]:
         """What labeling `n_photos` synchronously would cost, from this teacher's cached answers or the price table."""
         t = self.t
-        price = price_for(t.model, t.prices)
-        history = t.cache.stats(t.model, t.prompt_version)
-        tokens = photo_tokens(price, history["entries"], history["tokens_in"], history["tokens_out"])
-        return estimate(n_photos, tokens, price)
+        return estimate(n_photos, t.model, t.prices, t.cache.stats(t.model, t.prompt_version))

@@ -11,13 +11,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ...config import DEFAULT_PRICES, PRICES_AS_OF, ModelPrice
+from ...config import PRICES_AS_OF, ModelPrice, PrepareConfig
 
 MIN_HISTORY = 10  # cached answers of a model before their mean replaces the table's tokens per photo
 
 
 def default_prices() -> dict[str, ModelPrice]:
-    return {name: ModelPrice(**p) for name, p in DEFAULT_PRICES.items()}
+    """The config's price table when nothing overrides it (one place turns DEFAULT_PRICES into prices)."""
+    return PrepareConfig().prices
 
 
 def price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
@@ -41,25 +42,32 @@ class PhotoTokens:
     source: str  # "N cached answers" or "price table"
 
 
-def photo_tokens(price: ModelPrice | None, answers: int, tokens_in: int, tokens_out: int) -> PhotoTokens | None:
-    """Per-photo tokens: the mean of `answers` measured ones when there are enough, else the table's."""
+def _photo_tokens(price: ModelPrice | None, history: Mapping[str, int]) -> PhotoTokens | None:
+    """Per-photo tokens: the mean of the cache's answers when there are enough, else the price table's."""
+    answers = history["entries"]
     if answers >= MIN_HISTORY:
-        return PhotoTokens(tokens_in / answers, tokens_out / answers, f"mean of {answers} cached answers")
+        return PhotoTokens(history["tokens_in"] / answers, history["tokens_out"] / answers,
+                           f"mean of {answers} cached answers")
     if price is None:
         return None
     return PhotoTokens(price.photo_tokens_in, price.photo_tokens_out, f"price table ({PRICES_AS_OF})")
 
 
-def estimate(n_photos: int, tokens: PhotoTokens | None, price: ModelPrice | None) -> dict[str, object]:
-    """The estimate for labeling `n_photos`: tokens, and USD at the sync and the batch price (None if unknown)."""
+def estimate(n_photos: int, model: str, prices: Mapping[str, ModelPrice], history: Mapping[str, int]) -> dict:
+    """What labeling `n_photos` with `model` takes: tokens, and USD at the sync and the batch price (None if
+    unknown). `history` is the label cache's `stats` for this model and prompt (its measured answers)."""
+    price = price_for(model, prices)
+    tokens = _photo_tokens(price, history)
     out: dict[str, object] = {"photos": n_photos, "tokens_per_photo_from": tokens.source if tokens else None,
                               "tokens_in": None, "tokens_out": None, "sync_usd": None, "batch_usd": None,
-                              "prices_as_of": PRICES_AS_OF}
+                              "prices_as_of": PRICES_AS_OF, "model": model,
+                              "price_usd_per_1m": ({"input": price.input_per_1m, "output": price.output_per_1m}
+                                                   if price else None)}
     if tokens is None:
         return out
     tin, tout = round(n_photos * tokens.tokens_in), round(n_photos * tokens.tokens_out)
     out.update(tokens_in=tin, tokens_out=tout)
     if price is not None:
-        out.update(sync_usd=round(cost_usd(price, tin, tout), 6), batch_usd=round(cost_usd(price, tin, tout,
-                                                                                         batch=True), 6))
+        out.update(sync_usd=round(cost_usd(price, tin, tout), 6),
+                   batch_usd=round(cost_usd(price, tin, tout, batch=True), 6))
     return out
