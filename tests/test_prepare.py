@@ -46,7 +46,8 @@ def _leftovers(parent: Path, out: Path) -> list[str]:
 def test_writes_the_seed_layout(photos: Path, tmp_path: Path):
     out = tmp_path / "dataset"
     meta = _prepare(photos, out)
-    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.json", "report.html", "train.json", "val.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.json", "report.html", "teacher_labels.json",
+                                                     "train.json", "val.json"]
     train, val = load_split(out, "train", TASK), load_split(out, "val", TASK)
     n = len(TASK.labels) * PER_CLASS
     assert len(train) + len(val) == n == len(list((out / "images").iterdir()))

@@ -307,11 +307,13 @@ def evaluate(
     from .evaluate import baseline_results_path, compare_results, format_comparison
     from .lineage import baseline_model, evaluation_task
     from .pipeline import evaluate_baseline, evaluate_model, open_classifier
+    from .review import dataset as review_dataset
 
     cfg, task = _load(config, {"train.dataset_dir": dataset_dir})
     path = model_path or cfg.merged_model_dir()
     task = evaluation_task(path, task, backend, lora_path)
     # Everything that can be wrong with the input is checked before a model loads.
+    review_dataset.sync(cfg.train.dataset_dir, task)  # reviews saved by a killed review server, applied first
     records = load_split(cfg.train.dataset_dir, split, task)
     base = baseline_model(path, lora_path, base_model, backend) if baseline else None
     clf = open_classifier(path, task, backend, lora_path, quant=quant)  # at the geometry it was trained at
@@ -441,6 +443,22 @@ def run(
         worst = ", ".join(f"{b} {acc:.3f}" for b, acc in below.items())
         print(f"accuracy below evaluate.min_accuracy {floor:g}: {worst}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command()
+def heldout(
+    config: ConfigOpt = None,
+    dataset_dir: Annotated[Path | None, _opt("--dataset-dir", "--dataset_dir", help="Dataset folder.")] = None,
+    output_dir: Annotated[Path | None, _opt("--output-dir", "--output_dir", help="The run folder.")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="K: each fold is predicted by a model trained on the "
+                                       "other K-1 (2: the split's other half).")] = 2,
+) -> None:
+    """Student probabilities for every train photo from models that never trained on it (K-fold), written to
+    RUN/heldout_results.json, so `elemental review --run RUN` ranks train photos as well as val ones."""
+    from .train.heldout import heldout_predictions
+
+    cfg, task = _load(config, {"train.dataset_dir": dataset_dir, "train.output_dir": output_dir})
+    heldout_predictions(cfg, task, folds)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from .data.records import Record
 from .errors import ElementalError
 from .fileio import read_json, write_json_atomic
 from .lineage import is_gguf_path
+from .review import dataset as review_dataset
 from .runstate import STATE_FILE, RunState, stage_inputs, stage_outputs
 from .task import Task
 
@@ -157,23 +158,29 @@ def evaluate_model(
     from .data.records import load_split
     from .evaluate import evaluate_predictions, write_results
     from .images import open_image
+    from .review.measure import summary_lines, teacher_vs_person
 
     unknown = set(classifier.labels) ^ set(task.labels)
     if unknown:
         raise ElementalError(f"model labels {list(classifier.labels)} differ from the task's {list(task.labels)}")
     if records is None:
+        review_dataset.sync(Path(dataset_dir), task)  # decisions a killed review server saved but never applied
         records = load_split(Path(dataset_dir), split, task)
     preds = [
         classifier.classify(open_image(Path(dataset_dir) / r.image_path))
         for r in tqdm(records, desc=f"evaluate ({classifier.backend})", unit="photo", leave=False)
     ]
     results = evaluate_predictions(records, preds, classifier.labels, classifier.backend, classifier.model_files())
+    if (review := teacher_vs_person(Path(dataset_dir), task, split, results)) is not None:
+        results["review"] = review
     write_results(results, output_path, Path(dataset_dir), plot_cm=plot_cm)
     say(
         f"evaluate ({classifier.backend}): accuracy {results['accuracy']:.3f}, macro-F1 {results['macro_f1']:.3f}, "
         f"top-2 {results['top2_accuracy']:.3f}, ECE {results['ece']:.3f}, "
         f"p50 {results['latency_ms']['p50']:.1f} ms -> {output_path}"
     )
+    for line in summary_lines(review) if review is not None else []:
+        say(line)
     return results
 
 
@@ -241,6 +248,10 @@ def run(cfg: RunConfig, say: Say = print, from_stage: str | None = None, only: s
     state = RunState(Path(cfg.train.output_dir) / STATE_FILE)
     results: dict = {"stages": {}, "seconds": {}, "skipped": []}
     for name in stages:
+        if name != "prepare" and Path(cfg.train.dataset_dir).is_dir():
+            # Reviews a killed review server saved but never applied: applied before the split is hashed, so the
+            # stage runs on what the person decided and records that as its input.
+            review_dataset.sync(Path(cfg.train.dataset_dir), task)
         inputs = stage_inputs(name, cfg, state.hasher)
         why = state.changed(name, inputs, stage_outputs(name, cfg, state.hasher))
         if not why and not forced:

@@ -24,6 +24,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import ElementalError
 from .fileio import read_json, sha256_file, write_json_atomic
+from .review.dataset import TEACHER_FILE
 
 STATE_FILE = "run_state.json"
 FORMAT = "elemental-run-state/1"
@@ -142,7 +143,12 @@ def stage_outputs(name: str, cfg: RunConfig, h: Hasher) -> dict[str, str]:
     """What stage `name` writes, as hashes (MISSING where a file or folder is not there)."""
     run = Path(cfg.train.output_dir)
     if name == "prepare":
-        return {"dataset": h.tree(cfg.prepare.output_dir, (*DATASET_FILES, "metadata.json"))}
+        # The teacher's split, not the split files: a person's review rewrites those (and metadata's counts), and
+        # that must re-run training, not prepare. A dataset from before teacher_labels.json hashes its split files.
+        out = Path(cfg.prepare.output_dir)
+        if (out / TEACHER_FILE).is_file():
+            return {"dataset": h.tree(out, (TEACHER_FILE, "images"))}
+        return {"dataset": h.tree(out, (*DATASET_FILES, "metadata.json"))}
     if name == "train":
         trained = run / "final" if cfg.train.full_finetune else run / "lora_adapter"
         return {"model": h.tree(trained), "metrics": h.file(run / "metrics.json")}

@@ -31,7 +31,7 @@ from typing import Any
 from .. import __version__
 from ..config import PrepareConfig
 from ..errors import ElementalError
-from ..fileio import atomic_dir, write_json_atomic
+from ..fileio import atomic_dir, read_json, write_json_atomic
 from ..images import (
     NEAR_DUPLICATE_COLOUR,
     PHOTO_MAX_SIDE,
@@ -42,9 +42,12 @@ from ..images import (
     open_image_bytes,
     perceptual_hash,
 )
+from ..review import log as review_log
+from ..review.dataset import apply as review_apply
+from ..review.dataset import teacher_split, write_teacher_labels
 from ..task import Task
 from .labeling import Labeler, confident_counts, wave_size
-from .records import Record, load_split, save_split
+from .records import Record, save_split
 from .report import SheetEntry, thumbnail, write_report
 from .sources import UNSPLASH_TERMS_NOTE, Photo, PhotoStream, Rejected, open_source, source_kind
 from .split import class_counts, stratified_split
@@ -283,8 +286,8 @@ def _previous_records(output_dir: Path, task: Task, cfg: PrepareConfig) -> list[
     """
     if not (output_dir / "metadata.json").is_file() or not any(source_kind(s) in API_SOURCES for s in cfg.sources):
         return []
-    return [r for split in ("train", "val") for r in load_split(output_dir, split, task)
-            if r.source in API_SOURCES and r.source_id]
+    teacher = teacher_split(output_dir, task)  # the teacher's labels, not a person's review of them
+    return [r for split in ("train", "val") for r in teacher[split] if r.source in API_SOURCES and r.source_id]
 
 
 def _previous_photos(output_dir: Path, records: list[Record]) -> Iterator[Photo]:
@@ -497,13 +500,20 @@ def prepare_dataset(cfg: PrepareConfig, task: Task, say: Say = print) -> dict[st
         tally.notes += [note for stream in streams for note in stream.notes]  # e.g. a rate-limit stop
         complete = not any(stream.stopped_early for stream in streams)
         metadata = _metadata(cfg, task, train, val, tally, teacher_report, labeler.cache_path, complete)
-        with atomic_dir(output_dir) as tmp:
+        # Under the review lock: a review server running on this dataset cannot append a decision to the old
+        # folder between the copy of its log and the swap (the decision would be lost with the old folder).
+        with review_log.locked(output_dir), atomic_dir(output_dir) as tmp:
             (tmp / "images").mkdir()
             for item, rec in zip(kept, records, strict=True):
                 os.replace(item.jpeg_path, tmp / rec.image_path)  # part of the whole folder swap
             save_split(tmp / "train.json", train)
             save_split(tmp / "val.json", val)
+            write_teacher_labels(tmp, train, val)
             write_json_atomic(tmp / "metadata.json", metadata)
+            if review_log.log_path(output_dir).is_file():  # a person's reviews outlive the teacher's re-run
+                shutil.copy2(review_log.log_path(output_dir), review_log.log_path(tmp))
+                review_apply(tmp, task)  # the split files and counts with the reviews applied
+                metadata = read_json(tmp / "metadata.json", "dataset metadata")
             write_report(tmp / "report.html", task.labels, [i.sheet() for i in kept], tally.low_confidence_sheet,
                          tally.rejected_sheet, _summary(metadata))
         for item in kept:  # e.g. Unsplash download tracking: exactly once per kept photo, after it is saved

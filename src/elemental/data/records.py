@@ -77,10 +77,17 @@ def load_split(dataset_dir: Path, split: str, task: Task, check_images: bool = T
         raise ElementalError(f"{path}: expected a JSON list of records")
     if not data:
         raise ElementalError(f"{path}: no records (an empty split cannot be trained or evaluated on)")
+    return parse_records(data, dataset_dir, str(path), task, check_images)
+
+
+def parse_records(data: list[Any], dataset_dir: Path, where_list: str, task: Task,
+                  check_images: bool = True) -> list[Record]:
+    """Validate a list of record objects (a split file's, or one split of teacher_labels.json); errors name
+    `where_list[index].field`."""
     records: list[Record] = []
     first_index: dict[str, int] = {}
     for i, item in enumerate(data):
-        where = f"{path}[{i}]"
+        where = f"{where_list}[{i}]"
         record = _parse_record(item, where)
         if record.element not in task.labels:
             raise ElementalError(

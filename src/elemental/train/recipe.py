@@ -28,6 +28,7 @@ from ..fileio import atomic_dir, write_json_atomic
 from ..hardware import BF16_FLAGS, CPU, this_cpu
 from ..images import open_image
 from ..model_io import load_processor, pick_device
+from ..review import dataset as review_dataset
 from ..task import Task
 from .augment import make_augment
 from .callbacks import LabelEvalCallback
@@ -281,7 +282,9 @@ def train(cfg: RunConfig, task: Task) -> dict:
 
     tc = cfg.train
     dataset_dir, out = Path(tc.dataset_dir), Path(tc.output_dir)
-    # Validate everything before the (slow) model load: a bad record fails in seconds.
+    # Validate everything before the (slow) model load: a bad record fails in seconds. Reviews a killed review
+    # server saved but never applied go into the split files first: training reads what the person decided.
+    review_dataset.sync(dataset_dir, task)
     train_records = load_split(dataset_dir, "train", task)
     val_records = load_split(dataset_dir, "val", task)
     if tc.lora_targets is not None:
