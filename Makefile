@@ -33,8 +33,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/elemental demo
 
+# The review page's browser test fails, not skips, when chromium is missing (scripts/system-deps installs it).
 test: system-deps install native native-arm64 $(LLAMA_SERVER)
-	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/python -m pytest
+	ELEMENTAL_LLAMA_SERVER=$(LLAMA_SERVER) ELEMENTAL_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest
 
 # cmake, JDK, kotlinc, clang, the aarch64 cross toolchain and qemu-user: installed when missing (as root), or
 # one line naming the command to run.

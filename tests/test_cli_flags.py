@@ -25,7 +25,7 @@ def _options(command: str) -> set[str]:
 def test_every_stage_is_a_command():
     group = typer.main.get_command(app)
     assert set(group.commands) == {"prepare", "train", "merge", "export", "evaluate", "classify", "run", "demo",
-                                   "heldout"}
+                                   "review", "heldout"}
 
 
 def test_seed_flag_spellings_are_aliases():

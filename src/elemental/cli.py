@@ -462,6 +462,43 @@ def heldout(
 
 
 @app.command()
+def review(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset folder written by `elemental prepare`.")],
+    run: Annotated[Path | None, typer.Option("--run", help=(
+        "Training run folder: its out-of-sample predictions put the likely label errors first."))] = None,
+    config: ConfigOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (another than 127.0.0.1 exposes the page "
+                                      "to the network; the token still guards it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 8765,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, do not open a browser.")] = False,
+) -> None:
+    """A local page to check the teacher's labels, likely errors first; every decision goes to reviews.jsonl
+    at once and into the train.json / val.json the next `train` reads."""
+    from .review.server import serve
+
+    cfg, task = _load(config, {})
+    if config is None:  # the labels, in their order (the page's number keys), are the dataset's own
+        task = _dataset_task(dataset_dir, cfg) or task
+    serve(dataset_dir, task, run, host=host, port=port, open_browser=not no_browser)
+
+
+def _dataset_task(dataset_dir: Path, cfg: RunConfig) -> Task | None:
+    """The task with the labels `prepare` wrote into the dataset's metadata.json (None when it names none)."""
+    from .fileio import read_json
+
+    meta = dataset_dir / "metadata.json"
+    labels = (read_json(meta, "dataset metadata") or {}).get("labels") if meta.is_file() else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        return None
+    from pydantic import ValidationError
+
+    try:
+        return Task.from_config(type(cfg.task).model_validate({**cfg.task.model_dump(), "labels": labels}))
+    except ValidationError as e:
+        raise ElementalError(f"{meta}: labels: {e.errors()[0]['msg']}") from None
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "--output_dir", help="Where the demo writes.")] = Path(
         "runs/demo"),
