@@ -48,6 +48,7 @@ def demo_dir(tmp_path_factory) -> Path:
     res = elemental("demo", "--output_dir", "out", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "HF <-> GGUF agreement" in res.stdout
+    assert "elemental review out/dataset --run out/run" in res.stdout  # the next step, as a user types it
     assert "vision tower cache: " in res.stdout and " photos built in " in res.stdout  # the train line says it
     return work / "out"
 
@@ -89,3 +90,12 @@ def png_photos(val_photos, tmp_path_factory) -> list[Path]:
     out.append(folder / "large-3000x2000.png")
     synthetic_photo("fire", np.random.default_rng(7), size=(3000, 2000)).save(out[-1])
     return out
+
+
+@pytest.fixture(scope="session")
+def realistic_run(tmp_path_factory) -> Path:
+    """The pipeline at 384 px on the SmolVLM2-256M-shaped model around the real SmolLM2-135M (cli_process.run_realistic;
+    about 5 minutes on 2 cores, once per session): test_real_model and the fidelity tests share it."""
+    from cli_process import run_realistic
+
+    return run_realistic(tmp_path_factory.mktemp("real"))

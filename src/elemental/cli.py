@@ -517,6 +517,8 @@ def demo(
     print(f"latency p50: HF {lat['hf']['p50']:.1f} ms, GGUF {lat['gguf']['p50']:.1f} ms")
     print(f"time: {summary['seconds']}")
     print(f"summary: {output_dir / 'summary.json'}")
+    paths = summary["paths"]
+    print(f"check the labels, likely errors first: elemental review {paths['dataset']} --run {paths['run']}")
 
 
 def main() -> None:
