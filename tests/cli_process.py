@@ -54,3 +54,28 @@ def train_at_geometry(demo_dir: Path, out: Path, edge: int) -> Path:
     res = elemental("run", "run.toml", cwd=out)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+def run_realistic(out: Path, edge: int = 384) -> Path:
+    """The pipeline (`elemental run`: prepare, a short training, merge, export, evaluate on HF and GGUF) at image size
+    `edge` on the SmolVLM2-256M-shaped model around the real pretrained SmolLM2-135M-Instruct (its probabilities move,
+    where the tiny model's saturate near 0 and 1); returns `out` (model/, photos/, ds/, run/, gguf/)."""
+    from elemental.config import TaskConfig
+    from elemental.synthetic import build_realistic_256m, write_synthetic_photos
+    from elemental.task import Task
+
+    model = build_realistic_256m(out / "model")
+    write_synthetic_photos(out / "photos", Task.from_config(TaskConfig()).labels, 12, seed=2)
+    (out / "real.toml").write_text(
+        f'[model]\nbase_model = "{model}"\nimage_longest_edge = {edge}\n'
+        f'[prepare]\nsources = ["folder:{out / "photos"}"]\noutput_dir = "{out / "ds"}"\n'
+        f'label_cache = "{out / "c.sqlite"}"\nval_fraction = 0.2\n'
+        f'[train]\ndataset_dir = "{out / "ds"}"\noutput_dir = "{out / "run"}"\nbatch_size = 4\n'
+        'gradient_accumulation_steps = 1\nmax_steps = 30\nlearning_rate = 1e-3\nreport_to = "none"\n'
+        'gradient_checkpointing = false\neval_steps = 0\nreason_mode = "none"\n'
+        f'[export]\noutput_dir = "{out / "gguf"}"\nname = "Real256M"\nquant = ["Q8_0"]\n'
+        '[evaluate]\nbackends = ["hf", "gguf"]\nplot_cm = false\n'
+    )
+    res = elemental("run", str(out / "real.toml"), cwd=out, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
