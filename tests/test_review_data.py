@@ -322,6 +322,8 @@ def test_heldout_predictions_rank_injected_label_errors_first(demo_dir: Path, tm
         assert fold_train and all(folds[i] != k for i in fold_train)
     q = build_queue(dataset.photos(ds, TASK), list(TASK.labels), tmp_path / "run")
     head = [i.photo.record.image_id for i in q.items[:15]]
+    print(f"heldout (2 folds): of {len(flipped)} flipped labels, {len(flipped & set(head))} in the queue's first 15, "
+          f"{len(flipped & set(head[:10]))} in its first 10")
     assert len(flipped & set(head)) >= 8, (head, flipped)
 
 

@@ -62,8 +62,8 @@ def teacher_split(dataset_dir: Path, task: Task, check_images: bool = True) -> d
     if not path.is_file():
         if _has_reviewed(dataset_dir):
             raise ElementalError(
-                f"{path} is missing but the split files hold reviewed labels: run `elemental prepare` again "
-                "to rebuild it (the reviews in reviews.jsonl are kept)")
+                f"{path} is missing but the split files hold reviewed labels, not the teacher's: restore it from "
+                "a copy, or prepare the dataset anew into an empty folder and copy reviews.jsonl in")
         return {s: load_split(dataset_dir, s, task, check_images) for s in SPLITS}
     data = read_json(path, "teacher labels")
     if not isinstance(data, dict) or any(not isinstance(data.get(s), list) for s in SPLITS):
