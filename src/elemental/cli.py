@@ -303,7 +303,6 @@ def evaluate(
     if base_model is not None and not baseline:
         raise ElementalError("--base_model is only used with --baseline")
 
-    from .data.records import load_split
     from .evaluate import baseline_results_path, compare_results, format_comparison
     from .lineage import baseline_model, evaluation_task
     from .pipeline import evaluate_baseline, evaluate_model, open_classifier
@@ -313,8 +312,7 @@ def evaluate(
     path = model_path or cfg.merged_model_dir()
     task = evaluation_task(path, task, backend, lora_path)
     # Everything that can be wrong with the input is checked before a model loads.
-    review_dataset.sync(cfg.train.dataset_dir, task)  # reviews saved by a killed review server, applied first
-    records = load_split(cfg.train.dataset_dir, split, task)
+    records = review_dataset.load_reviewed(cfg.train.dataset_dir, split, task)
     base = baseline_model(path, lora_path, base_model, backend) if baseline else None
     clf = open_classifier(path, task, backend, lora_path, quant=quant)  # at the geometry it was trained at
     default = "validation_results.json" if clf.backend == "hf" else f"validation_results_{clf.backend}.json"

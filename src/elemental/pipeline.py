@@ -155,7 +155,6 @@ def evaluate_model(
     """
     from tqdm import tqdm
 
-    from .data.records import load_split
     from .evaluate import evaluate_predictions, write_results
     from .images import open_image
     from .review.measure import summary_lines, teacher_vs_person
@@ -164,8 +163,7 @@ def evaluate_model(
     if unknown:
         raise ElementalError(f"model labels {list(classifier.labels)} differ from the task's {list(task.labels)}")
     if records is None:
-        review_dataset.sync(Path(dataset_dir), task)  # decisions a killed review server saved but never applied
-        records = load_split(Path(dataset_dir), split, task)
+        records = review_dataset.load_reviewed(Path(dataset_dir), split, task)
     preds = [
         classifier.classify(open_image(Path(dataset_dir) / r.image_path))
         for r in tqdm(records, desc=f"evaluate ({classifier.backend})", unit="photo", leave=False)
@@ -247,11 +245,11 @@ def run(cfg: RunConfig, say: Say = print, from_stage: str | None = None, only: s
     stages, forced = _stages_to_run(cfg, from_stage, only)
     state = RunState(Path(cfg.train.output_dir) / STATE_FILE)
     results: dict = {"stages": {}, "seconds": {}, "skipped": []}
+    if Path(cfg.train.dataset_dir).is_dir():
+        # Reviews a killed review server saved but never applied: applied before the split is hashed, so the stages
+        # run on what the person decided and record that as their input (a prepare that runs applies them too).
+        review_dataset.sync(Path(cfg.train.dataset_dir), task)
     for name in stages:
-        if name != "prepare" and Path(cfg.train.dataset_dir).is_dir():
-            # Reviews a killed review server saved but never applied: applied before the split is hashed, so the
-            # stage runs on what the person decided and records that as its input.
-            review_dataset.sync(Path(cfg.train.dataset_dir), task)
         inputs = stage_inputs(name, cfg, state.hasher)
         why = state.changed(name, inputs, stage_outputs(name, cfg, state.hasher))
         if not why and not forced:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import Record, load_split, parse_records, save_split
+from ..data.split import class_counts
 from ..errors import ElementalError
 from ..fileio import read_json, write_json_atomic
 from ..task import Task
@@ -97,6 +98,26 @@ def reviewed(photo: Photo, decision: log.Decision | None) -> Record | None:
     return photo.record.model_copy(update={"element": decision.new, **extra})
 
 
+OUTCOMES = ("accepted", "changed", "dropped")
+
+
+def outcome(decision: log.Decision, teacher: str) -> str:
+    """What a standing decision did to the teacher's label: accepted (kept), changed (a new label) or dropped. A
+    relabel to the teacher's own label is an accept: the one rule metadata, the page and evaluate count by."""
+    if decision.action == "drop":
+        return "dropped"
+    return "accepted" if decision.new == teacher else "changed"
+
+
+def tally(all_photos: list[Photo], standing: dict[str, log.Decision]) -> dict[str, Counter[str]]:
+    """Per split: photos reviewed, and each `outcome`."""
+    out: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+    for p in all_photos:
+        if (d := standing.get(p.digest)) is not None:
+            out[p.split].update(("reviewed", outcome(d, p.record.element)))
+    return out
+
+
 def apply(dataset_dir: Path, task: Task, known: list[Photo] | None = None) -> dict[str, Any]:
     """Derive the split files and metadata counts from the teacher's split and the log; returns the
     metadata's `reviews` block. The caller holds `log.locked(dataset_dir)`. `known` is `photos()` as a caller
@@ -114,35 +135,30 @@ def apply(dataset_dir: Path, task: Task, known: list[Photo] | None = None) -> di
         by_split = {s: [p.record for p in all_photos if p.split == s] for s in SPLITS}
         write_teacher_labels(dataset_dir, by_split["train"], by_split["val"])
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    tally: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
     for p in all_photos:
-        d = standing.get(p.digest)
-        if d is not None:
-            tally[p.split]["reviewed"] += 1
-            kind = "dropped" if d.action == "drop" else "changed" if d.new != p.record.element else "accepted"
-            tally[p.split][kind] += 1
-        record = reviewed(p, d)
-        if record is not None:
+        if (record := reviewed(p, standing.get(p.digest))) is not None:
             splits[p.split].append(record)
     for s in SPLITS:
         if not splits[s]:
             raise ElementalError(f"every {s} photo is dropped: undo a drop in the review page "
                                  f"(the log {log.log_path(dataset_dir)} keeps them)")
     size = log.log_path(dataset_dir).stat().st_size if log.log_path(dataset_dir).is_file() else 0
+    per_split = tally(all_photos, standing)
+    kinds = ("reviewed", *OUTCOMES)
     block = {
         "log": log.LOG_NAME,
         "log_bytes": size,
         "decisions": len(decisions),
-        **{k: sum(t[k] for t in tally.values()) for k in ("reviewed", "accepted", "changed", "dropped")},
-        "by_split": {s: {k: tally[s][k] for k in ("reviewed", "accepted", "changed", "dropped")} for s in SPLITS},
+        **{k: sum(t[k] for t in per_split.values()) for k in kinds},
+        "by_split": {s: {k: per_split[s][k] for k in kinds} for s in SPLITS},
         "unseen_digests": len(set(standing) - {p.digest for p in all_photos}),
     }
     for s in SPLITS:
         save_split(dataset_dir / f"{s}.json", splits[s])
     meta_path = dataset_dir / "metadata.json"
     metadata = read_json(meta_path, "dataset metadata") if meta_path.is_file() else {}
-    counts = {s: {label: sum(r.element == label for r in splits[s]) for label in task.labels} for s in SPLITS}
-    counts["total"] = {label: counts["train"][label] + counts["val"][label] for label in task.labels}
+    counts = {s: {label: class_counts(records).get(label, 0) for label in task.labels}
+              for s, records in (*splits.items(), ("total", splits["train"] + splits["val"]))}
     metadata.update(counts=counts, n_train=len(splits["train"]), n_val=len(splits["val"]), reviews=block)
     write_json_atomic(meta_path, metadata)
     return block
@@ -160,6 +176,14 @@ def is_current(dataset_dir: Path) -> bool:
     if not isinstance(block, dict):
         return size == 0
     return block.get("log_bytes") == size
+
+
+def load_reviewed(dataset_dir: Path, split: str, task: Task) -> list[Record]:
+    """A split as the next stage reads it: `sync` first, so decisions a killed review server saved but never
+    applied are in it, then `load_split`'s checks. Every reader of a dataset (train, evaluate, heldout) goes
+    through here."""
+    sync(dataset_dir, task)
+    return load_split(dataset_dir, split, task)
 
 
 def sync(dataset_dir: Path, task: Task) -> dict[str, Any] | None:

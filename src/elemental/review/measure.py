@@ -21,8 +21,10 @@ from . import dataset, log
 
 def teacher_vs_person(dataset_dir: Path, task: Task, split: str, results: dict[str, Any]) -> dict[str, Any] | None:
     """The `review` block of evaluate's results for `split` (train/val), or None when nothing was reviewed."""
+    if split not in dataset.SPLITS:  # a split file given by path: not the dataset's own photos
+        return None
     standing = log.states(log.read(dataset_dir))
-    if not standing or split not in dataset.SPLITS:
+    if not standing:
         return None
     photos = dataset.photos(dataset_dir, task)
     per_class = {label: {"reviewed": 0, "agreed": 0} for label in task.labels}
@@ -30,7 +32,7 @@ def teacher_vs_person(dataset_dir: Path, task: Task, split: str, results: dict[s
         d = standing.get(p.digest)
         if d is not None:
             per_class[p.record.element]["reviewed"] += 1
-            per_class[p.record.element]["agreed"] += int(d.action != "drop" and d.new == p.record.element)
+            per_class[p.record.element]["agreed"] += dataset.outcome(d, p.record.element) == "accepted"
     reviewed = sum(c["reviewed"] for c in per_class.values())
     agreed = sum(c["agreed"] for c in per_class.values())
     by_path = {p.record.image_path: p for p in photos if p.split == split}
@@ -38,7 +40,7 @@ def teacher_vs_person(dataset_dir: Path, task: Task, split: str, results: dict[s
     vs_person: list[tuple[bool, bool]] = []  # (student right, teacher right) against the person
     for pred in results["predictions"]:
         photo = by_path.get(pred["image_path"])
-        if photo is None:  # a split file given by path, not the dataset's own
+        if photo is None:  # a record added to the split file by hand: the teacher's label is not known
             continue
         vs_teacher.append(pred["predicted"] == photo.record.element)
         d = standing.get(photo.digest)

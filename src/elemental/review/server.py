@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import webbrowser
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -200,11 +201,9 @@ class Review:
                 "counts": self._counts(standing), "generation": self.generation}
 
     def _counts(self, standing: dict[str, log.Decision]) -> dict[str, int]:
-        """The page's tally, by the rules `dataset.apply` writes into metadata.json (changed: a new label)."""
-        mine = [(d, self.photos[g].record.element) for g, d in standing.items() if g in self.photos]
-        return {"total": len(self.photos), "reviewed": len(mine),
-                "changed": sum(d.action != "drop" and d.new != teacher for d, teacher in mine),
-                "dropped": sum(d.action == "drop" for d, _ in mine)}
+        """The page's tally, as `dataset.apply` writes it into metadata.json."""
+        both = sum(dataset.tally(list(self.photos.values()), standing).values(), Counter())
+        return {"total": len(self.photos), **{k: both[k] for k in ("reviewed", "changed", "dropped")}}
 
 
 def _inode_mtime(path: Path) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..classify.base import Prediction
 from ..config import RunConfig
-from ..data.records import Record, load_split, save_split
+from ..data.records import Record, save_split
 from ..errors import ElementalError
 from ..fileio import write_json_atomic
 from ..task import Task
@@ -73,8 +73,7 @@ def heldout_predictions(cfg: RunConfig, task: Task, folds: int = 2, say: Callabl
     if folds < 2:
         raise ElementalError(f"--folds must be at least 2, got {folds}")
     dataset_dir, run = Path(cfg.train.dataset_dir), Path(cfg.train.output_dir)
-    review_dataset.sync(dataset_dir, task)
-    records = load_split(dataset_dir, "train", task)
+    records = review_dataset.load_reviewed(dataset_dir, "train", task)
     fold_of = assign_folds(records, folds, cfg.train.seed)
     work = run / "heldout"
     cache_dir = cfg.train.feature_cache_dir or run.parent / ".feature-cache"  # the run's own (recipe._tower_cache)
@@ -99,7 +98,7 @@ def heldout_predictions(cfg: RunConfig, task: Task, folds: int = 2, say: Callabl
                else open_classifier(Path(cfg.model.base_model), task, "hf", lora_path=out / "lora_adapter"))
         results = evaluate_model(clf, ds, "val", task, work / f"fold{k}" / "results.json", False, say)
         predictions += [{**p, "fold": k} for p in results["predictions"]]
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resumable no more needed; the adapter stays
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # nothing resumes a finished fold; the adapter stays
     by_path = {r.image_path: r for r in records}
     ordered = [by_path[p["image_path"]] for p in predictions]
     combined = evaluate_predictions(

@@ -22,7 +22,6 @@ import torch
 from transformers import Trainer
 
 from ..config import RunConfig
-from ..data.records import load_split
 from ..errors import ElementalError
 from ..fileio import atomic_dir, write_json_atomic
 from ..hardware import BF16_FLAGS, CPU, this_cpu
@@ -284,9 +283,8 @@ def train(cfg: RunConfig, task: Task) -> dict:
     dataset_dir, out = Path(tc.dataset_dir), Path(tc.output_dir)
     # Validate everything before the (slow) model load: a bad record fails in seconds. Reviews a killed review
     # server saved but never applied go into the split files first: training reads what the person decided.
-    review_dataset.sync(dataset_dir, task)
-    train_records = load_split(dataset_dir, "train", task)
-    val_records = load_split(dataset_dir, "val", task)
+    train_records = review_dataset.load_reviewed(dataset_dir, "train", task)
+    val_records = review_dataset.load_reviewed(dataset_dir, "val", task)
     if tc.lora_targets is not None:
         lora_target_regex(tc.lora_targets)  # a bad target list fails before the model loads too
     logs_dir = out / "logs"
